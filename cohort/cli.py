@@ -1,0 +1,232 @@
+"""The ``cohort`` command: demo, run, index, synth.
+
+Heavy imports (Prefect, Dask, pyradiomics) happen inside the commands, so
+``cohort --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cohort.errors import CohortError
+
+DEMO_SPEC = """\
+# Cohort spec written by `cohort demo`. Edit and run with: cohort run {spec}
+name: demo
+archive: archive          # relative paths are relative to this file
+store: store
+selection:
+  modality: CT
+  require_roi: GTV        # an RTSTRUCT ROI harmonised to this name must exist
+rois:                     # canonical name -> case-insensitive full-match patterns
+  GTV: ['gtv[-_ ]?1', 'gtv', 'gtv[-_ ]?p(rimary)?']
+radiomics:
+  preset: ct-original     # or params_file: my-params.yaml, or params: {{...}}
+executor:
+  kind: dask              # LocalCluster; set address: tcp://host:8786 for a cluster
+  n_workers: {workers}
+"""
+
+
+def _quiet_runtime(verbose: bool) -> None:
+    """Defaults for the run's environment, set before Prefect/Dask are imported."""
+    os.environ.setdefault("PREFECT_HOME", str(Path.home() / ".cache" / "cohort" / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+
+
+def _run_with_progress(spec: Any, console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.process_cohort import run_cohort
+    from flows.progress import progress_hook
+
+    labels = {"index": "indexing files", "process": "processing cases"}
+    with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        bars: dict[str, Any] = {}
+
+        def hook(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task(labels.get(stage, stage), total=total)
+            progress.update(bars[stage], completed=done, total=total)
+
+        console.print("[dim]starting Prefect API and Dask workers…[/dim]")
+        token = progress_hook.set(hook)
+        try:
+            return run_cohort(spec)
+        finally:
+            progress_hook.reset(token)
+
+
+def _print_summary(summary: Any, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"cohort run {summary.run_id}", show_header=False)
+    rows = [
+        ("files seen / quarantined", f"{summary.files_seen} / {summary.files_quarantined}"),
+        ("image series found", str(summary.image_series)),
+        ("cases selected", str(summary.cases_selected)),
+        ("cases processed", str(summary.cases_processed)),
+        ("cases failed", str(summary.cases_failed)),
+        ("cases already in store", str(summary.cases_skipped)),
+        ("feature rows written", str(summary.rows_written)),
+        ("failure rows", str(summary.failures)),
+        ("feature set", summary.feature_set),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
+    console.print(f"store: {summary.store}", **plain)
+    console.print("Read the features with:", **plain)
+    console.print(f'  import pandas as pd; df = pd.read_parquet("{summary.feature_table}")', **plain)
+    if summary.failures:
+        console.print("Failures, with the stage and reason:", **plain)
+        console.print(f'  pd.read_parquet("{Path(summary.store) / "failures" / summary.run_id}")', **plain)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cohort.spec import load_spec
+
+    _quiet_runtime(args.verbose)
+    overrides: dict[str, Any] = {}
+    if args.store:
+        overrides["store"] = str(Path(args.store).resolve())
+    if args.archive:
+        overrides["archive"] = str(Path(args.archive).resolve())
+    if args.scheduler:
+        overrides.setdefault("executor", {})["address"] = args.scheduler
+    if args.workers:
+        overrides.setdefault("executor", {})["n_workers"] = args.workers
+    spec = load_spec(args.spec, overrides=overrides)
+    console = Console()
+    summary = _run_with_progress(spec, console)
+    _print_summary(summary, console)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cohort.spec import load_spec
+    from cohort.synth import write_demo_archive
+
+    _quiet_runtime(args.verbose)
+    console = Console()
+    workdir = Path(args.dir).resolve()
+    archive = workdir / "archive"
+    if not archive.exists() or args.regenerate:
+        console.print(f"writing a synthetic archive of {args.patients} patients to {archive}")
+        write_demo_archive(archive, args.patients, seed=args.seed)
+    spec_path = workdir / "cohort.yaml"
+    if not spec_path.exists() or args.regenerate:
+        spec_path.write_text(DEMO_SPEC.format(spec=spec_path, workers=args.workers))
+    spec = load_spec(spec_path)
+    console.print(f"cohort spec: {spec_path}")
+    summary = _run_with_progress(spec, console)
+    _print_summary(summary, console)
+    console.print(f"Clinical table of the demo patients: {archive / 'clinical.csv'}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+    from rich.console import Console
+    from rich.progress import track
+
+    from cohort.index import index_files, list_archive
+    from cohort.index.crawl import iter_chunks
+    from cohort.index.schema import INSTANCE_SCHEMA, QUARANTINE_SCHEMA
+
+    console = Console()
+    files = list_archive(args.path)
+    import pyarrow as pa
+
+    parts, quarantined = [pa.Table.from_pylist([], schema=INSTANCE_SCHEMA)], [
+        pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA)]
+    chunks = list(iter_chunks(files, 200))
+    for chunk in track(chunks, description="indexing", console=console):
+        instances, bad = index_files(chunk)
+        parts.append(instances)
+        quarantined.append(bad)
+    instances = pa.concat_tables(parts)
+    bad = pa.concat_tables(quarantined)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(instances, out / "instances.parquet")
+    pq.write_table(bad, out / "quarantine.parquet")
+    df = instances.to_pandas()
+    console.print(f"{len(files)} files: {instances.num_rows} DICOM instances, {bad.num_rows} quarantined")
+    if not df.empty:
+        counts = df.groupby("modality").agg(instances=("path", "size"), series=("series_uid", "nunique"))
+        console.print(counts.to_string())
+    console.print(f'index: pd.read_parquet("{out / "instances.parquet"}")', markup=False, highlight=False)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cohort.synth import write_demo_archive
+
+    archive = write_demo_archive(args.out, args.patients, seed=args.seed, fresh_uids=args.fresh_uids)
+    print(f"wrote {len(archive.patients)} patients to {archive.root}; clinical table {archive.clinical_csv}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cohort", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="generate a synthetic archive and run the cohort flow on it")
+    demo.add_argument("--dir", default="demo", help="working folder (archive/, store/, cohort.yaml)")
+    demo.add_argument("--patients", type=int, default=10)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--workers", type=int, default=2, help="Dask worker processes")
+    demo.add_argument("--regenerate", action="store_true", help="rewrite the archive and spec")
+    demo.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="run the cohort flow for a spec")
+    run.add_argument("spec", help="cohort spec YAML")
+    run.add_argument("--store", help="override the spec's store")
+    run.add_argument("--archive", help="override the spec's archive")
+    run.add_argument("--scheduler", help="address of an existing Dask scheduler")
+    run.add_argument("--workers", type=int, help="LocalCluster worker processes")
+    run.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
+    run.set_defaults(func=cmd_run)
+
+    index = sub.add_parser("index", help="index the DICOM headers of a folder to Parquet")
+    index.add_argument("path")
+    index.add_argument("--out", default="index", help="output folder")
+    index.set_defaults(func=cmd_index)
+
+    synth = sub.add_parser("synth", help="write a synthetic CT + RTSTRUCT archive")
+    synth.add_argument("out")
+    synth.add_argument("--patients", type=int, default=10)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--fresh-uids", action="store_true")
+    synth.set_defaults(func=cmd_synth)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CohortError as exc:
+        print(f"cohort: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

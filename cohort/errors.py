@@ -1,0 +1,72 @@
+"""One small exception hierarchy for the whole platform.
+
+Every exception carries structured fields (the stage it came from, the input it
+concerns and the reason) so that a failed case can be written to the failures
+table as data, not as a formatted string someone has to parse later.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Stage(str, Enum):
+    """Pipeline stages, as recorded in failure rows and provenance."""
+
+    SPEC = "spec"
+    INDEX = "index"
+    CURATE = "curate"
+    MASK = "mask"
+    RADIOMICS = "radiomics"
+    STORE = "store"
+
+
+class CohortError(Exception):
+    """Base class of every error the platform raises on purpose.
+
+    ``subject`` names the file, series or ROI the error concerns; ``reason`` says
+    what is wrong and, where possible, what to do next.
+    """
+
+    stage: Stage = Stage.SPEC
+
+    def __init__(self, reason: str, *, subject: str = "") -> None:
+        self.reason = reason
+        self.subject = subject
+        super().__init__(f"{subject}: {reason}" if subject else reason)
+
+
+class SpecError(CohortError):
+    """The cohort spec (or a radiomics parameter file) is invalid."""
+
+    stage = Stage.SPEC
+
+
+class DicomReadError(CohortError):
+    """A file could not be read as DICOM."""
+
+    stage = Stage.INDEX
+
+
+class SeriesAssemblyError(CohortError):
+    """The slices of a series do not make one consistent 3D volume."""
+
+    stage = Stage.CURATE
+
+
+class RTStructError(CohortError):
+    """An RTSTRUCT (or one of its ROIs) cannot be turned into a mask."""
+
+    stage = Stage.MASK
+
+
+class RadiomicsError(CohortError):
+    """Feature extraction failed for one (series, ROI)."""
+
+    stage = Stage.RADIOMICS
+
+
+class StoreError(CohortError):
+    """The feature store cannot be read or written."""
+
+    stage = Stage.STORE

@@ -1,0 +1,295 @@
+"""The shard worker: a plain function from work items to Arrow tables.
+
+``process_shard`` runs every stage for each work item (read series, rasterise
+each ROI, extract features) and returns a features table whose fixed columns
+follow :data:`FEATURE_KEY_SCHEMA` (all remaining columns are float64 features)
+and a failures table following :data:`FAILURE_SCHEMA`. A failure of one case or
+one ROI becomes a failure row; it never stops the shard.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version
+from typing import Any
+
+import pyarrow as pa
+import pydicom
+
+import cohort
+from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
+from cohort.curate.select import METADATA_COLUMNS, WorkItem
+from cohort.curate.series import read_series
+from cohort.errors import CohortError, RTStructError, Stage
+from cohort.radiomics.extract import extract_features
+
+#: Key columns of a feature row: one row per (series, RTSTRUCT, ROI) and feature set.
+KEY_COLUMNS = ("series_uid", "rtstruct_uid", "roi_source")
+
+_str, _f64 = pa.string(), pa.float64()
+FEATURE_KEY_SCHEMA = pa.schema(
+    [
+        ("patient_id", _str),
+        ("study_uid", _str),
+        ("series_uid", _str),
+        ("rtstruct_uid", _str),
+        ("roi", _str),
+        ("roi_source", _str),
+        ("modality", _str),
+        ("series_description", _str),
+        ("study_date", _str),
+        ("institution", _str),
+        ("manufacturer", _str),
+        ("manufacturer_model", _str),
+        ("convolution_kernel", _str),
+        ("kvp", _f64),
+        ("exposure", _f64),
+        ("tube_current", _f64),
+        ("contrast_agent", _str),
+        ("slice_thickness", _f64),
+        ("pixel_spacing_row", _f64),
+        ("pixel_spacing_col", _f64),
+        ("n_slices", pa.int32()),
+        ("mask_voxels", pa.int64()),
+        ("mask_notes", _str),
+        ("feature_set", _str),
+        ("settings_hash", _str),
+        ("settings_json", _str),
+        ("image_hash", _str),
+        ("rtstruct_hash", _str),
+        ("cohort_version", _str),
+        ("pyradiomics_version", _str),
+        ("simpleitk_version", _str),
+        ("pydicom_version", _str),
+        ("numpy_version", _str),
+        ("run_id", _str),
+        ("processed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+FAILURE_SCHEMA = pa.schema(
+    [
+        ("run_id", _str),
+        ("patient_id", _str),
+        ("series_uid", _str),
+        ("rtstruct_uid", _str),
+        ("roi_source", _str),
+        ("stage", _str),
+        ("error_type", _str),
+        ("subject", _str),
+        ("reason", _str),
+        ("input_path", _str),
+        ("failed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+STAGE_TIMERS = ("read_series", "read_rtstruct", "rasterise", "radiomics")
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What every shard needs besides its items; small and picklable."""
+
+    radiomics_params: Mapping[str, Any]
+    settings_hash: str
+    feature_set: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    features: pa.Table
+    failures: pa.Table
+    seconds: Mapping[str, float] = field(default_factory=dict)
+    n_items: int = 0
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "cohort_version": cohort.__version__,
+        "pyradiomics_version": version("pyradiomics-bhklab"),
+        "simpleitk_version": version("SimpleITK"),
+        "pydicom_version": version("pydicom"),
+        "numpy_version": version("numpy"),
+    }
+
+
+def make_shards(items: Sequence[WorkItem], target_slices: int, *, min_shards: int = 1) -> list[list[WorkItem]]:
+    """Split items into shards of about ``target_slices`` slices, balanced by work.
+
+    At least ``min_shards`` shards are made when there are that many items, so
+    that every worker has something to do on a small cohort.
+
+    Longest-processing-time-first: items sorted by slice count (largest first)
+    go to the currently lightest shard, so shards carry similar numbers of
+    slices (not of series). Each item lands in exactly one shard.
+    """
+    if not items:
+        return []
+    total = sum(max(item.n_slices, 1) for item in items)
+    n_shards = max(1, min_shards, -(-total // max(target_slices, 1)))
+    n_shards = min(len(items), n_shards)
+    heap: list[tuple[int, int]] = [(0, i) for i in range(n_shards)]
+    shards: list[list[WorkItem]] = [[] for _ in range(n_shards)]
+    for item in sorted(items, key=lambda it: (-it.n_slices, it.series_uid, it.rtstruct_uid)):
+        load, i = heapq.heappop(heap)
+        shards[i].append(item)
+        heapq.heappush(heap, (load + max(item.n_slices, 1), i))
+    return [shard for shard in shards if shard]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGE_TIMERS, 0.0)
+
+    @contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+def _failure(item: WorkItem, settings: ShardSettings, exc: Exception, *, stage: Stage,
+             roi_source: str | None, input_path: str) -> dict[str, Any]:
+    is_ours = isinstance(exc, CohortError)
+    return {
+        "run_id": settings.run_id,
+        "patient_id": item.patient_id,
+        "series_uid": item.series_uid,
+        "rtstruct_uid": item.rtstruct_uid,
+        "roi_source": roi_source,
+        "stage": (exc.stage if is_ours else stage).value,  # type: ignore[union-attr]
+        "error_type": type(exc).__name__,
+        "subject": exc.subject if is_ours else input_path,  # type: ignore[union-attr]
+        "reason": exc.reason if is_ours else str(exc),  # type: ignore[union-attr]
+        "input_path": input_path,
+        "failed_at": datetime.now(UTC),
+    }
+
+
+def process_item(
+    item: WorkItem, settings: ShardSettings, clock: _Clock | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """All stages for one work item: (feature rows, failure rows)."""
+    clock = clock or _Clock()
+    versions = library_versions()
+    series_dir = item.image_paths[0].rsplit("/", 1)[0] if item.image_paths else ""
+    try:
+        with clock.time("read_series"):
+            image = read_series(item.image_paths, series_uid=item.series_uid)
+    except Exception as exc:  # any failure here fails the whole case, recorded per ROI
+        return [], [_failure(item, settings, exc, stage=Stage.CURATE, roi_source=r.source_name,
+                             input_path=series_dir) for r in item.rois]
+    try:
+        with clock.time("read_rtstruct"):
+            structure_set = pydicom.dcmread(item.rtstruct_path)
+            infos = read_roi_infos(structure_set)
+    except Exception as exc:
+        return [], [_failure(item, settings, exc, stage=Stage.MASK, roi_source=r.source_name,
+                             input_path=item.rtstruct_path) for r in item.rois]
+
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    settings_json = json.dumps(settings.radiomics_params, sort_keys=True)
+    for roi in item.rois:
+        subject = f"{item.series_uid} / {roi.source_name}"
+        try:
+            numbers = [info.number for info in infos if info.name == roi.source_name]
+            if len(numbers) != 1:
+                raise RTStructError(
+                    f"{len(numbers)} ROIs named {roi.source_name!r} in the structure set; expected 1",
+                    subject=item.rtstruct_path,
+                )
+            with clock.time("rasterise"):
+                roi_mask = rasterise_rtstruct(structure_set, numbers[0], image)
+            with clock.time("radiomics"):
+                features = extract_features(image, roi_mask.mask, settings.radiomics_params, subject=subject)
+        except Exception as exc:
+            failures.append(_failure(item, settings, exc, stage=Stage.RADIOMICS, roi_source=roi.source_name,
+                                     input_path=item.rtstruct_path))
+            continue
+        row: dict[str, Any] = {
+            "patient_id": item.patient_id,
+            "study_uid": item.study_uid,
+            "series_uid": item.series_uid,
+            "rtstruct_uid": item.rtstruct_uid,
+            "roi": roi.canonical,
+            "roi_source": roi.source_name,
+            "modality": item.modality,
+            **{key: item.metadata.get(key) for key in METADATA_COLUMNS},
+            "n_slices": item.n_slices,
+            "mask_voxels": roi_mask.voxel_count,
+            "mask_notes": "; ".join(roi_mask.notes) or None,
+            "feature_set": settings.feature_set,
+            "settings_hash": settings.settings_hash,
+            "settings_json": settings_json,
+            "image_hash": item.image_hash,
+            "rtstruct_hash": item.rtstruct_hash,
+            **versions,
+            "run_id": settings.run_id,
+            "processed_at": datetime.now(UTC),
+        }
+        row.update(features)
+        rows.append(row)
+    return rows, failures
+
+
+def features_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Rows to a table: fixed key/provenance schema, then float64 features in order."""
+    if not rows:
+        return pa.Table.from_pylist([], schema=FEATURE_KEY_SCHEMA)
+    fixed = set(FEATURE_KEY_SCHEMA.names)
+    feature_names = [k for k in rows[0] if k not in fixed]
+    for row in rows[1:]:
+        if [k for k in row if k not in fixed] != feature_names:
+            raise ValueError("feature rows of one feature set disagree on their feature names")
+    schema = FEATURE_KEY_SCHEMA
+    for name in feature_names:
+        schema = schema.append(pa.field(name, pa.float64()))
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+def check_features_schema(table: pa.Table) -> None:
+    """Raise if ``table`` does not follow the declared feature-table schema."""
+    head = table.schema.names[: len(FEATURE_KEY_SCHEMA)]
+    if head != FEATURE_KEY_SCHEMA.names:
+        raise ValueError(f"feature table key columns {head} != {FEATURE_KEY_SCHEMA.names}")
+    for f in FEATURE_KEY_SCHEMA:
+        if table.schema.field(f.name).type != f.type:
+            raise ValueError(f"column {f.name}: {table.schema.field(f.name).type} != {f.type}")
+    for f in list(table.schema)[len(FEATURE_KEY_SCHEMA):]:
+        if f.type != pa.float64():
+            raise ValueError(f"feature column {f.name} is {f.type}, not float64")
+
+
+def process_shard(items: Sequence[WorkItem], settings: ShardSettings) -> ShardResult:
+    """Process every item of a shard; one item's failure never stops the others."""
+    clock = _Clock()
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    for item in items:
+        item_rows, item_failures = process_item(item, settings, clock)
+        rows += item_rows
+        failures += item_failures
+    table = features_table(rows)
+    check_features_schema(table)
+    return ShardResult(
+        features=table,
+        failures=pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA),
+        seconds=dict(clock.seconds),
+        n_items=len(items),
+    )
+
+
+def row_keys(table: pa.Table) -> list[str]:
+    """String keys ``series|rtstruct|roi`` of the rows of a features table."""
+    cols = [table.column(c).to_pylist() for c in KEY_COLUMNS]
+    return ["|".join(parts) for parts in zip(*cols, strict=True)]

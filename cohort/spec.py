@@ -1,0 +1,231 @@
+"""The cohort spec: one YAML file that says what to process and how.
+
+Layering, lowest to highest precedence: the defaults below, the YAML file,
+environment variables (``COHORT_<FIELD>`` with ``__`` between nested names, e.g.
+``COHORT_EXECUTOR__ADDRESS=tcp://10.0.0.5:8786``), then explicit overrides passed
+by the caller (the CLI's ``--store`` and friends). Relative paths in a file are
+resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cohort.errors import SpecError
+
+ENV_PREFIX = "COHORT_"
+
+#: Default ROI-name harmonisation: canonical name -> case-insensitive patterns
+#: that must match the whole RTSTRUCT ROI name.
+DEFAULT_ROIS: dict[str, list[str]] = {
+    "GTV": [r"gtv[-_ ]?1", r"gtv", r"gtv[-_ ]?p(rimary)?"],
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SelectionSpec(_Model):
+    """Which image series enter the cohort."""
+
+    modality: str = Field("CT", description="Modality of the image series to process.")
+    require_roi: str = Field(
+        "GTV",
+        description="Regular expression; a series is selected only if an RTSTRUCT that "
+        "references it has an ROI whose harmonised name fully matches it.",
+    )
+
+    @field_validator("require_roi")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+
+class RadiomicsSpec(_Model):
+    """pyradiomics parameters: a shipped preset, a parameter file, or inline."""
+
+    preset: str | None = Field("ct-original", description="Name of a shipped preset.")
+    params_file: Path | None = Field(None, description="A pyradiomics parameter file (YAML/JSON).")
+    params: dict[str, Any] | None = Field(None, description="Inline pyradiomics parameters.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RadiomicsSpec:
+        given = [x is not None for x in (self.params_file, self.params)]
+        if all(given):
+            raise ValueError("give either radiomics.params_file or radiomics.params, not both")
+        return self
+
+    def resolve(self) -> dict[str, Any]:
+        """The pyradiomics parameter dictionary this spec stands for."""
+        if self.params is not None:
+            return copy.deepcopy(self.params)
+        if self.params_file is not None:
+            return _read_yaml(self.params_file)
+        if self.preset is None:
+            raise SpecError("radiomics: set one of preset, params_file or params")
+        return load_preset(self.preset)
+
+
+class ExecutorSpec(_Model):
+    """Where shards run."""
+
+    kind: Literal["dask", "threads"] = Field(
+        "dask", description="'dask' (LocalCluster or an existing scheduler) or 'threads' (in-process)."
+    )
+    address: str | None = Field(None, description="Address of an existing Dask scheduler.")
+    n_workers: int = Field(2, ge=1, description="LocalCluster worker processes.")
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = Field("auto", description="Per-worker memory limit of the LocalCluster.")
+
+
+class CohortSpec(_Model):
+    """A whole cohort run."""
+
+    name: str = Field("cohort", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    archive: Path = Field(description="Root folder of the DICOM archive.")
+    store: Path = Field(description="Root folder of the feature store.")
+    selection: SelectionSpec = SelectionSpec()
+    rois: dict[str, list[str]] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_ROIS))
+    radiomics: RadiomicsSpec = RadiomicsSpec()
+    executor: ExecutorSpec = ExecutorSpec()
+    shard_slices: int = Field(
+        1500, ge=1, description="Target number of CT slices per shard (one Prefect task each)."
+    )
+
+    @field_validator("rois")
+    @classmethod
+    def _patterns_compile(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, patterns in value.items():
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"rois.{name}: {pattern!r} is not a regular expression: {exc}") from exc
+        return value
+
+    def radiomics_params(self) -> dict[str, Any]:
+        return self.radiomics.resolve()
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Load a shipped radiomics preset by name (``cohort/radiomics/presets/<name>.yaml``)."""
+    folder = resources.files("cohort.radiomics") / "presets"
+    available = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    if name not in available:
+        raise SpecError(f"unknown radiomics preset {name!r}; available: {', '.join(available)}")
+    data = yaml.safe_load((folder / f"{name}.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def settings_hash(params: Mapping[str, Any]) -> str:
+    """A stable hash of result-changing parameters (canonical JSON, sha256)."""
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise SpecError(f"file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"not valid YAML: {exc}", subject=str(path)) from exc
+    if not isinstance(data, dict):
+        raise SpecError("expected a mapping at the top level", subject=str(path))
+    return data
+
+
+def _set_nested(target: dict[str, Any], dotted: list[str], value: Any) -> None:
+    for key in dotted[:-1]:
+        node = target.get(key)
+        if not isinstance(node, dict):
+            node = {}
+            target[key] = node
+        target = node
+    target[dotted[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Spec overrides from ``COHORT_*`` variables (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == "COHORT_DATA":
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX):].split("__")]
+        if path[0] not in CohortSpec.model_fields:
+            continue
+        _set_nested(out, path, yaml.safe_load(raw) if raw else raw)
+    return out
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    for key in ("archive", "store"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str((base / data[key]).resolve())
+    radiomics = data.get("radiomics")
+    if isinstance(radiomics, dict) and isinstance(radiomics.get("params_file"), str):
+        if not Path(radiomics["params_file"]).is_absolute():
+            radiomics["params_file"] = str((base / radiomics["params_file"]).resolve())
+    return data
+
+
+def build_spec(
+    data: Mapping[str, Any],
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    source: str = "<spec>",
+) -> CohortSpec:
+    """Validate a spec from a mapping, layering environment and explicit overrides."""
+    layered = _merge(dict(data), env_overrides(os.environ if environ is None else environ))
+    layered = _merge(layered, overrides or {})
+    try:
+        spec = CohortSpec.model_validate(layered)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SpecError(f"invalid cohort spec: {problems}", subject=source) from exc
+    from cohort.radiomics.extract import validate_params  # local: keeps import light
+
+    validate_params(spec.radiomics_params(), source=source)
+    return spec
+
+
+def load_spec(
+    path: str | Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> CohortSpec:
+    """Read, layer and validate a cohort spec YAML file."""
+    path = Path(path)
+    data = _resolve_paths(_read_yaml(path), path.parent.resolve())
+    return build_spec(data, overrides=overrides, environ=environ, source=str(path))

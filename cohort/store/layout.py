@@ -1,0 +1,50 @@
+"""Where things live under a store root.
+
+::
+
+    <store>/
+      index/instances.parquet        one row per DICOM instance of the archive
+      index/quarantine.parquet       files that could not be indexed, with the reason
+      features/<feature set>/        one table per radiomics settings hash
+          part-<shard key>.parquet
+      failures/<run id>/part-*.parquet   one row per failed (case, ROI, stage)
+      runs/<run id>/selection.parquet    one row per image series: selected or not, why
+      runs/<run id>/summary.json         counts and timings of the run
+
+Every folder is a Parquet dataset that ``pandas.read_parquet(folder)`` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    root: Path
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def instances(self) -> Path:
+        return self.index_dir / "instances.parquet"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.index_dir / "quarantine.parquet"
+
+    def features(self, feature_set: str) -> Path:
+        return self.root / "features" / feature_set
+
+    def failures(self, run_id: str) -> Path:
+        return self.root / "failures" / run_id
+
+    @property
+    def failures_root(self) -> Path:
+        return self.root / "failures"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id

@@ -1,0 +1,1 @@
+"""Prefect flows that wire the ``cohort`` library into runs on Dask."""

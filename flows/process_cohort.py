@@ -1,0 +1,200 @@
+"""The ``process-cohort`` flow: archive -> index -> selection -> shards -> feature store.
+
+Task bodies only call the library. One Prefect task per *shard* of series (a
+Prefect task on Dask costs tens of milliseconds of bookkeeping on its own), and
+each shard writes its own feature and failure part files straight from the
+worker, so nothing large travels back through the flow.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from cohort.curate.select import WorkItem, plan_work
+from cohort.errors import Stage
+from cohort.index.crawl import index_files, iter_chunks, list_archive
+from cohort.index.schema import INSTANCE_SCHEMA, QUARANTINE_SCHEMA
+from cohort.radiomics.extract import feature_set_name
+from cohort.run import RunSummary, add_seconds, remaining_work
+from cohort.shard import (
+    FAILURE_SCHEMA,
+    KEY_COLUMNS,
+    ShardSettings,
+    make_shards,
+    process_shard,
+)
+from cohort.spec import CohortSpec, build_spec, settings_hash
+from cohort.store.layout import StoreLayout
+from cohort.store.parquet import existing_keys, write_part, write_table_atomic
+from flows.progress import report
+from flows.runtime import prefect_api, task_runner_for
+
+#: Files per index task.
+INDEX_CHUNK = 400
+
+
+def _keys(items: Sequence[WorkItem]) -> list[str]:
+    return [f"{i.series_uid}|{i.rtstruct_uid}|{r.source_name}" for i in items for r in i.rois]
+
+
+@task(name="index-files", cache_policy=NO_CACHE, retries=1)
+def index_files_task(paths: list[str]) -> tuple[pa.Table, pa.Table]:
+    return index_files(paths)
+
+
+@task(name="process-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1)
+def process_shard_task(items: list[WorkItem], settings: ShardSettings, store: str) -> dict[str, Any]:
+    result = process_shard(items, settings)
+    layout = StoreLayout(Path(store))
+    keys = _keys(items)
+    write_part(result.features, layout.features(settings.feature_set), keys)
+    write_part(result.failures, layout.failures(settings.run_id), keys)
+    ok_series = set(result.features.column("series_uid").to_pylist()) if result.features.num_rows else set()
+    return {
+        "items": len(items),
+        "cases_ok": sum(1 for i in items if i.series_uid in ok_series),
+        "rows": result.features.num_rows,
+        "failures": result.failures.num_rows,
+        "seconds": dict(result.seconds),
+    }
+
+
+def _shard_failure_rows(items: Sequence[WorkItem], run_id: str, exc: BaseException) -> pa.Table:
+    """When a whole shard task fails (after retries), every ROI in it gets a failure row."""
+    from datetime import UTC, datetime
+
+    rows = [
+        {
+            "run_id": run_id, "patient_id": i.patient_id, "series_uid": i.series_uid,
+            "rtstruct_uid": i.rtstruct_uid, "roi_source": r.source_name, "stage": Stage.STORE.value,
+            "error_type": type(exc).__name__, "subject": f"shard of {len(items)} case(s)",
+            "reason": f"shard task failed: {exc}", "input_path": i.rtstruct_path,
+            "failed_at": datetime.now(UTC),
+        }
+        for i in items for r in i.rois
+    ]
+    return pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
+
+
+def _current_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    return str(run_id) if run_id else uuid.uuid4().hex
+
+
+@flow(name="process-cohort")
+def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
+    """Process a cohort described by a (validated) cohort spec mapping."""
+    cohort_spec = build_spec(spec, environ={})
+    logger = get_run_logger()
+    run_id = _current_run_id()
+    layout = StoreLayout(Path(cohort_spec.store))
+    seconds: dict[str, float] = {}
+
+    # 1. Index the archive, in chunks of files across the workers.
+    t0 = time.perf_counter()
+    files = list_archive(cohort_spec.archive)
+    report("index", 0, len(files))
+    futures = [index_files_task.submit(chunk) for chunk in iter_chunks(files, INDEX_CHUNK)]
+    instance_parts, quarantine_parts, done_files = [], [], 0
+    for future in as_completed(futures):
+        instances_part, quarantine_part = future.result()
+        instance_parts.append(instances_part)
+        quarantine_parts.append(quarantine_part)
+        done_files += instances_part.num_rows + quarantine_part.num_rows
+        report("index", done_files, len(files))
+    instances = pa.concat_tables([pa.Table.from_pylist([], schema=INSTANCE_SCHEMA), *instance_parts])
+    instances = instances.sort_by("path")
+    quarantine = pa.concat_tables([pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA), *quarantine_parts])
+    write_table_atomic(instances, layout.instances)
+    write_table_atomic(quarantine.sort_by("path"), layout.quarantine)
+    seconds["index"] = time.perf_counter() - t0
+    logger.info("indexed %d files: %d DICOM instances, %d quarantined", len(files),
+                instances.num_rows, quarantine.num_rows)
+
+    # 2. Select series and link structure sets (index only, no pixel reads).
+    items, decisions = plan_work(instances, cohort_spec)
+    write_table_atomic(decisions, layout.run_dir(run_id) / "selection.parquet")
+    params = cohort_spec.radiomics_params()
+    digest = settings_hash(params)
+    feature_set = feature_set_name(digest)
+    done = existing_keys(layout.features(feature_set), KEY_COLUMNS)
+    todo, rows_skipped = remaining_work(items, done)
+    logger.info("%d case(s) selected, %d to process, %d ROI row(s) already in %s",
+                len(items), len(todo), rows_skipped, feature_set)
+
+    # 3. Process shards on the workers; each writes its own part files.
+    t0 = time.perf_counter()
+    executor = cohort_spec.executor
+    shards = make_shards(todo, cohort_spec.shard_slices,
+                         min_shards=2 * executor.n_workers * executor.threads_per_worker)
+    settings = ShardSettings(params, digest, feature_set, run_id)
+    report("process", 0, len(todo))
+    pending = {process_shard_task.submit(shard, settings, str(layout.root)): shard for shard in shards}
+    cases_done = cases_ok = rows = failures = 0
+    stage_seconds: dict[str, float] = {}
+    for future in as_completed(list(pending)):
+        shard = pending[future]
+        try:
+            outcome = future.result()
+        except Exception as exc:
+            logger.error("shard of %d case(s) failed after retries: %s", len(shard), exc)
+            table = _shard_failure_rows(shard, run_id, exc)
+            write_part(table, layout.failures(run_id), ["shard-failure", *_keys(shard)])
+            failures += table.num_rows
+        else:
+            cases_ok += outcome["cases_ok"]
+            rows += outcome["rows"]
+            failures += outcome["failures"]
+            add_seconds(stage_seconds, outcome["seconds"].items())
+        cases_done += len(shard)
+        report("process", cases_done, len(todo))
+    seconds["process"] = time.perf_counter() - t0
+    seconds.update({f"stage_{k}": v for k, v in stage_seconds.items()})
+
+    summary = RunSummary(
+        run_id=run_id,
+        store=str(layout.root),
+        feature_set=feature_set,
+        feature_table=str(layout.features(feature_set)),
+        files_seen=len(files),
+        files_quarantined=quarantine.num_rows,
+        image_series=len(set(decisions.column("series_uid").to_pylist())),
+        cases_selected=len(items),
+        cases_processed=cases_ok,
+        cases_failed=len(todo) - cases_ok,
+        cases_skipped=len(items) - len(todo),
+        rows_written=rows,
+        rows_skipped=rows_skipped,
+        failures=failures,
+        shards=len(shards),
+        seconds=seconds,
+    )
+    summary.write(layout.run_dir(run_id))
+    logger.info("run %s: %d row(s) written, %d failure(s); table %s", run_id, rows, failures,
+                summary.feature_table)
+    return {"summary": summary.to_json()}
+
+
+def run_cohort(spec: CohortSpec, *, prefect_home: Path | None = None) -> RunSummary:
+    """Run ``process-cohort`` for a spec with its executor, against a Prefect API.
+
+    Starts a local Prefect server for the run unless ``PREFECT_API_URL`` is set.
+    """
+    import json
+
+    payload = spec.model_dump(mode="json")
+    with prefect_api(prefect_home):
+        runner = task_runner_for(spec.executor)
+        result = process_cohort.with_options(task_runner=runner)(payload)
+    return RunSummary.from_dict(json.loads(result["summary"]))

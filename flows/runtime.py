@@ -1,0 +1,147 @@
+"""The runtime around a flow: a Prefect API to talk to, and the task runner.
+
+With Dask worker *processes*, Prefect's ephemeral mode starts one temporary API
+server per worker on the same SQLite file (seconds and hundreds of MiB each, and
+lock contention). So unless ``PREFECT_API_URL`` points at a server already, the
+platform starts one local Prefect server (SQLite under ``PREFECT_HOME``) on a
+free loopback port for the duration of the run, and every process uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cohort.errors import CohortError
+from cohort.spec import ExecutorSpec
+
+SERVER_START_TIMEOUT = 90.0
+
+
+def default_prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".cache" / "cohort" / "prefect")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def local_prefect_server(home: Path | None = None) -> Iterator[str]:
+    """Start ``prefect server start`` on a free loopback port; yield its API URL."""
+    home = home or default_prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_API_URL": url,
+    }
+    log = (home / "server.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--no-services"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise CohortError(f"the local Prefect server exited with code {proc.returncode}; "
+                                  f"see {home / 'server.log'}")
+            if time.monotonic() > deadline:
+                raise CohortError(f"the local Prefect server did not answer within {SERVER_START_TIMEOUT:.0f} s; "
+                                  f"see {home / 'server.log'}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@contextmanager
+def prefect_api(home: Path | None = None) -> Iterator[str]:
+    """Use ``PREFECT_API_URL`` if set, else a local server started for this block.
+
+    Inside the block ``PREFECT_API_URL`` is set in this process's settings and in
+    ``os.environ``, so worker processes started inside it inherit it.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    existing = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if existing:
+        yield existing
+        return
+    with local_prefect_server(home) as url:
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                yield url
+        finally:
+            _drain_prefect_workers()
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+
+
+def _drain_prefect_workers(timeout: float = 10.0) -> None:
+    """Send queued logs and events before the server they go to is stopped."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception:  # nothing queued or already stopped: nothing to lose
+            pass
+
+
+def task_runner_for(executor: ExecutorSpec) -> Any:
+    """The Prefect task runner for an executor spec."""
+    if executor.kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=executor.n_workers * executor.threads_per_worker)
+    from prefect_dask import DaskTaskRunner
+
+    if executor.address:
+        return DaskTaskRunner(address=executor.address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": executor.n_workers,
+            "threads_per_worker": executor.threads_per_worker,
+            "processes": True,
+            "memory_limit": executor.memory_limit,
+            "dashboard_address": ":0",
+        },
+    )

@@ -27,6 +27,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cohort flows tests benchmarks
+	$(VENV)/bin/ruff format --check cohort flows tests benchmarks
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)

@@ -50,8 +50,13 @@ def _run_with_progress(spec: Any, console: Any) -> Any:
     from flows.progress import progress_hook
 
     labels = {"index": "indexing files", "process": "processing cases"}
-    with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         bars: dict[str, Any] = {}
 
         def hook(stage: str, done: int, total: int) -> None:
@@ -153,8 +158,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     files = list_archive(args.path)
     import pyarrow as pa
 
-    parts, quarantined = [pa.Table.from_pylist([], schema=INSTANCE_SCHEMA)], [
-        pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA)]
+    parts, quarantined = (
+        [pa.Table.from_pylist([], schema=INSTANCE_SCHEMA)],
+        [pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA)],
+    )
     chunks = list(iter_chunks(files, 200))
     for chunk in track(chunks, description="indexing", console=console):
         instances, bad = index_files(chunk)

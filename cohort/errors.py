@@ -7,10 +7,10 @@ table as data, not as a formatted string someone has to parse later.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     """Pipeline stages, as recorded in failure rows and provenance."""
 
     SPEC = "spec"

@@ -12,9 +12,7 @@ from typing import Any
 from cohort.curate.select import WorkItem
 
 
-def remaining_work(
-    items: Sequence[WorkItem], done: set[tuple[str, ...]]
-) -> tuple[list[WorkItem], int]:
+def remaining_work(items: Sequence[WorkItem], done: set[tuple[str, ...]]) -> tuple[list[WorkItem], int]:
     """Drop ROIs whose (series, RTSTRUCT, ROI) row is already in the store.
 
     Returns the items still to process (with only their missing ROIs) and the
@@ -23,7 +21,9 @@ def remaining_work(
     todo: list[WorkItem] = []
     skipped = 0
     for item in items:
-        missing = tuple(r for r in item.rois if (item.series_uid, item.rtstruct_uid, r.source_name) not in done)
+        missing = tuple(
+            r for r in item.rois if (item.series_uid, item.rtstruct_uid, r.source_name) not in done
+        )
         skipped += len(item.rois) - len(missing)
         if missing:
             todo.append(dataclasses.replace(item, rois=missing))

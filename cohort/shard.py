@@ -120,7 +120,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def make_shards(items: Sequence[WorkItem], target_slices: int, *, min_shards: int = 1) -> list[list[WorkItem]]:
+def make_shards(
+    items: Sequence[WorkItem], target_slices: int, *, min_shards: int = 1
+) -> list[list[WorkItem]]:
     """Split items into shards of about ``target_slices`` slices, balanced by work.
 
     At least ``min_shards`` shards are made when there are that many items, so
@@ -157,19 +159,29 @@ class _Clock:
             self.seconds[stage] += time.perf_counter() - start
 
 
-def _failure(item: WorkItem, settings: ShardSettings, exc: Exception, *, stage: Stage,
-             roi_source: str | None, input_path: str) -> dict[str, Any]:
-    is_ours = isinstance(exc, CohortError)
+def _failure(
+    item: WorkItem,
+    settings: ShardSettings,
+    exc: Exception,
+    *,
+    stage: Stage,
+    roi_source: str | None,
+    input_path: str,
+) -> dict[str, Any]:
+    if isinstance(exc, CohortError):
+        stage, subject, reason = exc.stage, exc.subject or input_path, exc.reason
+    else:
+        subject, reason = input_path, str(exc)
     return {
         "run_id": settings.run_id,
         "patient_id": item.patient_id,
         "series_uid": item.series_uid,
         "rtstruct_uid": item.rtstruct_uid,
         "roi_source": roi_source,
-        "stage": (exc.stage if is_ours else stage).value,  # type: ignore[union-attr]
+        "stage": stage.value,
         "error_type": type(exc).__name__,
-        "subject": exc.subject if is_ours else input_path,  # type: ignore[union-attr]
-        "reason": exc.reason if is_ours else str(exc),  # type: ignore[union-attr]
+        "subject": subject,
+        "reason": reason,
         "input_path": input_path,
         "failed_at": datetime.now(UTC),
     }
@@ -186,15 +198,21 @@ def process_item(
         with clock.time("read_series"):
             image = read_series(item.image_paths, series_uid=item.series_uid)
     except Exception as exc:  # any failure here fails the whole case, recorded per ROI
-        return [], [_failure(item, settings, exc, stage=Stage.CURATE, roi_source=r.source_name,
-                             input_path=series_dir) for r in item.rois]
+        return [], [
+            _failure(item, settings, exc, stage=Stage.CURATE, roi_source=r.source_name, input_path=series_dir)
+            for r in item.rois
+        ]
     try:
         with clock.time("read_rtstruct"):
             structure_set = pydicom.dcmread(item.rtstruct_path)
             infos = read_roi_infos(structure_set)
     except Exception as exc:
-        return [], [_failure(item, settings, exc, stage=Stage.MASK, roi_source=r.source_name,
-                             input_path=item.rtstruct_path) for r in item.rois]
+        return [], [
+            _failure(
+                item, settings, exc, stage=Stage.MASK, roi_source=r.source_name, input_path=item.rtstruct_path
+            )
+            for r in item.rois
+        ]
 
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -213,8 +231,16 @@ def process_item(
             with clock.time("radiomics"):
                 features = extract_features(image, roi_mask.mask, settings.radiomics_params, subject=subject)
         except Exception as exc:
-            failures.append(_failure(item, settings, exc, stage=Stage.RADIOMICS, roi_source=roi.source_name,
-                                     input_path=item.rtstruct_path))
+            failures.append(
+                _failure(
+                    item,
+                    settings,
+                    exc,
+                    stage=Stage.RADIOMICS,
+                    roi_source=roi.source_name,
+                    input_path=item.rtstruct_path,
+                )
+            )
             continue
         row: dict[str, Any] = {
             "patient_id": item.patient_id,
@@ -265,7 +291,7 @@ def check_features_schema(table: pa.Table) -> None:
     for f in FEATURE_KEY_SCHEMA:
         if table.schema.field(f.name).type != f.type:
             raise ValueError(f"column {f.name}: {table.schema.field(f.name).type} != {f.type}")
-    for f in list(table.schema)[len(FEATURE_KEY_SCHEMA):]:
+    for f in list(table.schema)[len(FEATURE_KEY_SCHEMA) :]:
         if f.type != pa.float64():
             raise ValueError(f"feature column {f.name} is {f.type}, not float64")
 

@@ -168,7 +168,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == "COHORT_DATA":
             continue
-        path = [part.lower() for part in key[len(ENV_PREFIX):].split("__")]
+        path = [part.lower() for part in key[len(ENV_PREFIX) :].split("__")]
         if path[0] not in CohortSpec.model_fields:
             continue
         _set_nested(out, path, yaml.safe_load(raw) if raw else raw)

@@ -74,13 +74,20 @@ def _shard_failure_rows(items: Sequence[WorkItem], run_id: str, exc: BaseExcepti
 
     rows = [
         {
-            "run_id": run_id, "patient_id": i.patient_id, "series_uid": i.series_uid,
-            "rtstruct_uid": i.rtstruct_uid, "roi_source": r.source_name, "stage": Stage.STORE.value,
-            "error_type": type(exc).__name__, "subject": f"shard of {len(items)} case(s)",
-            "reason": f"shard task failed: {exc}", "input_path": i.rtstruct_path,
+            "run_id": run_id,
+            "patient_id": i.patient_id,
+            "series_uid": i.series_uid,
+            "rtstruct_uid": i.rtstruct_uid,
+            "roi_source": r.source_name,
+            "stage": Stage.STORE.value,
+            "error_type": type(exc).__name__,
+            "subject": f"shard of {len(items)} case(s)",
+            "reason": f"shard task failed: {exc}",
+            "input_path": i.rtstruct_path,
             "failed_at": datetime.now(UTC),
         }
-        for i in items for r in i.rois
+        for i in items
+        for r in i.rois
     ]
     return pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
 
@@ -107,8 +114,8 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     report("index", 0, len(files))
     futures = [index_files_task.submit(chunk) for chunk in iter_chunks(files, INDEX_CHUNK)]
     instance_parts, quarantine_parts, done_files = [], [], 0
-    for future in as_completed(futures):
-        instances_part, quarantine_part = future.result()
+    for index_future in as_completed(futures):
+        instances_part, quarantine_part = index_future.result()
         instance_parts.append(instances_part)
         quarantine_parts.append(quarantine_part)
         done_files += instances_part.num_rows + quarantine_part.num_rows
@@ -119,8 +126,12 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     write_table_atomic(instances, layout.instances)
     write_table_atomic(quarantine.sort_by("path"), layout.quarantine)
     seconds["index"] = time.perf_counter() - t0
-    logger.info("indexed %d files: %d DICOM instances, %d quarantined", len(files),
-                instances.num_rows, quarantine.num_rows)
+    logger.info(
+        "indexed %d files: %d DICOM instances, %d quarantined",
+        len(files),
+        instances.num_rows,
+        quarantine.num_rows,
+    )
 
     # 2. Select series and link structure sets (index only, no pixel reads).
     items, decisions = plan_work(instances, cohort_spec)
@@ -130,23 +141,29 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     feature_set = feature_set_name(digest)
     done = existing_keys(layout.features(feature_set), KEY_COLUMNS)
     todo, rows_skipped = remaining_work(items, done)
-    logger.info("%d case(s) selected, %d to process, %d ROI row(s) already in %s",
-                len(items), len(todo), rows_skipped, feature_set)
+    logger.info(
+        "%d case(s) selected, %d to process, %d ROI row(s) already in %s",
+        len(items),
+        len(todo),
+        rows_skipped,
+        feature_set,
+    )
 
     # 3. Process shards on the workers; each writes its own part files.
     t0 = time.perf_counter()
     executor = cohort_spec.executor
-    shards = make_shards(todo, cohort_spec.shard_slices,
-                         min_shards=2 * executor.n_workers * executor.threads_per_worker)
+    shards = make_shards(
+        todo, cohort_spec.shard_slices, min_shards=2 * executor.n_workers * executor.threads_per_worker
+    )
     settings = ShardSettings(params, digest, feature_set, run_id)
     report("process", 0, len(todo))
     pending = {process_shard_task.submit(shard, settings, str(layout.root)): shard for shard in shards}
     cases_done = cases_ok = rows = failures = 0
     stage_seconds: dict[str, float] = {}
-    for future in as_completed(list(pending)):
-        shard = pending[future]
+    for shard_future in as_completed(list(pending)):
+        shard = pending[shard_future]
         try:
-            outcome = future.result()
+            outcome = shard_future.result()
         except Exception as exc:
             logger.error("shard of %d case(s) failed after retries: %s", len(shard), exc)
             table = _shard_failure_rows(shard, run_id, exc)
@@ -181,8 +198,9 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         seconds=seconds,
     )
     summary.write(layout.run_dir(run_id))
-    logger.info("run %s: %d row(s) written, %d failure(s); table %s", run_id, rows, failures,
-                summary.feature_table)
+    logger.info(
+        "run %s: %d row(s) written, %d failure(s); table %s", run_id, rows, failures, summary.feature_table
+    )
     return {"summary": summary.to_json()}
 
 

@@ -61,19 +61,35 @@ def local_prefect_server(home: Path | None = None) -> Iterator[str]:
     }
     log = (home / "server.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--no-services"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-services",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while not _healthy(url):
             if proc.poll() is not None:
-                raise CohortError(f"the local Prefect server exited with code {proc.returncode}; "
-                                  f"see {home / 'server.log'}")
+                raise CohortError(
+                    f"the local Prefect server exited with code {proc.returncode}; see {home / 'server.log'}"
+                )
             if time.monotonic() > deadline:
-                raise CohortError(f"the local Prefect server did not answer within {SERVER_START_TIMEOUT:.0f} s; "
-                                  f"see {home / 'server.log'}")
+                raise CohortError(
+                    f"the local Prefect server did not answer within {SERVER_START_TIMEOUT:.0f} s; "
+                    f"see {home / 'server.log'}"
+                )
             time.sleep(0.25)
         yield url
     finally:

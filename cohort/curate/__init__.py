@@ -7,8 +7,8 @@ from cohort.curate.rtstruct import (
     rasterise_rtstruct,
     read_roi_infos,
 )
-from cohort.curate.series import read_series
 from cohort.curate.select import WorkItem, harmonise_roi_name, plan_work
+from cohort.curate.series import read_series
 
 __all__ = [
     "RoiInfo",

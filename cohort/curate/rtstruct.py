@@ -107,9 +107,7 @@ def _fill_slice(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarra
     return (np.cumsum(toggles[:, :nx], axis=1) % 2).astype(bool)
 
 
-def rasterise_contours(
-    polygons: list[np.ndarray], reference: sitk.Image
-) -> tuple[np.ndarray, list[str]]:
+def rasterise_contours(polygons: list[np.ndarray], reference: sitk.Image) -> tuple[np.ndarray, list[str]]:
     """Rasterise patient-coordinate polygons onto ``reference``'s grid.
 
     Returns a ``(z, y, x)`` boolean array and notes on contours that were off
@@ -134,12 +132,20 @@ def rasterise_contours(
             notes.append(f"contour {i}: slice {k} outside the image (0..{shape_zyx[0] - 1}); skipped")
             continue
         xy = index[:, :2]
-        if (xy[:, 0].max() < -0.5 or xy[:, 1].max() < -0.5
-                or xy[:, 0].min() > size[0] - 0.5 or xy[:, 1].min() > size[1] - 0.5):
+        if (
+            xy[:, 0].max() < -0.5
+            or xy[:, 1].max() < -0.5
+            or xy[:, 0].min() > size[0] - 0.5
+            or xy[:, 1].min() > size[1] - 0.5
+        ):
             notes.append(f"contour {i}: entirely outside the image in-plane; skipped")
             continue
-        if (xy[:, 0].min() < -0.5 or xy[:, 1].min() < -0.5
-                or xy[:, 0].max() > size[0] - 0.5 or xy[:, 1].max() > size[1] - 0.5):
+        if (
+            xy[:, 0].min() < -0.5
+            or xy[:, 1].min() < -0.5
+            or xy[:, 0].max() > size[0] - 0.5
+            or xy[:, 1].max() > size[1] - 0.5
+        ):
             notes.append(f"contour {i}: partly outside the image in-plane; clipped")
         by_slice.setdefault(k, []).append(xy)
     for k, slice_polys in by_slice.items():

@@ -35,6 +35,9 @@ METADATA_COLUMNS = (
     "pixel_spacing_col",
 )
 
+#: Modalities that annotate image series rather than being selectable images.
+ANNOTATION_MODALITIES = frozenset({"RTSTRUCT", "SEG"})
+
 DECISION_SCHEMA = pa.schema(
     [
         ("patient_id", pa.string()),
@@ -119,10 +122,12 @@ def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[lis
         return items, pa.Table.from_pylist([], schema=DECISION_SCHEMA)
 
     structs = df[df["modality"] == "RTSTRUCT"]
-    images = df[~df["modality"].isin(["RTSTRUCT", "RTPLAN", "RTDOSE", "SEG", "RTRECORD", "SR", "PR"])]
+    # Every series that is not an annotation gets a decision (an RTDOSE grid included).
+    images = df[~df["modality"].isin(list(ANNOTATION_MODALITIES))]
     links: dict[str, list[pd.Series]] = {}
     image_series_by_for: dict[str, set[str]] = {}
-    for series_uid, group in images.groupby("series_uid", sort=True):
+    selectable = images[images["modality"] == spec.selection.modality]
+    for series_uid, group in selectable.groupby("series_uid", sort=True):
         for_uid = group["frame_of_reference_uid"].dropna()
         if not for_uid.empty:
             image_series_by_for.setdefault(str(for_uid.iloc[0]), set()).add(str(series_uid))
@@ -147,8 +152,13 @@ def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[lis
             "rtstruct_uid": None,
         }
         if first["modality"] != spec.selection.modality:
-            decisions.append({**base, "selected": False,
-                              "reason": f"modality {first['modality']} is not {spec.selection.modality}"})
+            decisions.append(
+                {
+                    **base,
+                    "selected": False,
+                    "reason": f"modality {first['modality']} is not {spec.selection.modality}",
+                }
+            )
             continue
         linked = links.get(str(series_uid), [])
         if not linked:
@@ -163,12 +173,22 @@ def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[lis
                     chosen.append(RoiSelection(name, canonical))
             row = {**base, "rtstruct_uid": rs["sop_instance_uid"]}
             if not any(pattern.fullmatch(r.canonical) for r in chosen):
-                decisions.append({**row, "selected": False, "reason":
-                                  f"RTSTRUCT has no ROI harmonised to {spec.selection.require_roi!r} "
-                                  f"(ROIs: {', '.join(names) or 'none'})"})
+                decisions.append(
+                    {
+                        **row,
+                        "selected": False,
+                        "reason": f"RTSTRUCT has no ROI harmonised to {spec.selection.require_roi!r} "
+                        f"(ROIs: {', '.join(names) or 'none'})",
+                    }
+                )
                 continue
-            decisions.append({**row, "selected": True, "reason": "ROIs " + ", ".join(
-                f"{r.source_name} -> {r.canonical}" for r in chosen)})
+            decisions.append(
+                {
+                    **row,
+                    "selected": True,
+                    "reason": "ROIs " + ", ".join(f"{r.source_name} -> {r.canonical}" for r in chosen),
+                }
+            )
             items.append(
                 WorkItem(
                     patient_id=str(first["patient_id"]),

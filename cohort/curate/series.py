@@ -44,9 +44,7 @@ def _geometry(ds: pydicom.Dataset, path: str) -> SliceGeometry:
         rows, columns = int(ds.Rows), int(ds.Columns)
         np.asarray(ds.ImagePositionPatient, dtype=np.float64)
     except (AttributeError, ValueError, TypeError) as exc:
-        raise SeriesAssemblyError(
-            f"missing or malformed geometry tag ({exc})", subject=path
-        ) from exc
+        raise SeriesAssemblyError(f"missing or malformed geometry tag ({exc})", subject=path) from exc
     if iop.shape != (6,) or len(spacing) != 2:
         raise SeriesAssemblyError("malformed ImageOrientationPatient/PixelSpacing", subject=path)
     return SliceGeometry(iop[:3], iop[3:], (spacing[0], spacing[1]), rows, columns)
@@ -79,8 +77,9 @@ def _hu_dtype(slopes: np.ndarray, intercepts: np.ndarray, raw_min: int, raw_max:
     integral = np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
     if not integral:
         return np.float32
-    lo = min(raw_min * slopes.min(), raw_max * slopes.min()) + intercepts.min()
-    hi = max(raw_max * slopes.max(), raw_min * slopes.max()) + intercepts.max()
+    s_min, s_max = float(slopes.min()), float(slopes.max())
+    lo = min(raw_min * s_min, raw_max * s_min) + float(intercepts.min())
+    hi = max(raw_max * s_max, raw_min * s_max) + float(intercepts.max())
     info = np.iinfo(np.int16)
     return np.int16 if info.min <= lo and hi <= info.max else np.float32
 
@@ -131,10 +130,10 @@ def read_series(paths: Sequence[str], *, series_uid: str = "") -> sitk.Image:
     # (gantry tilt) or sheared and a plain 3D grid would misplace every voxel.
     stack = positions[-1] - positions[0]
     in_plane = stack - (stack @ normal) * normal
-    if np.linalg.norm(in_plane) > 0.01 * max(np.linalg.norm(stack), 1.0):
+    offset, length = float(np.linalg.norm(in_plane)), float(np.linalg.norm(stack))
+    if offset > 0.01 * max(length, 1.0):
         raise SeriesAssemblyError(
-            f"slices are offset in-plane by {np.linalg.norm(in_plane):.2f} mm over the stack "
-            "(gantry tilt or sheared series)",
+            f"slices are offset in-plane by {offset:.2f} mm over the stack (gantry tilt or sheared series)",
             subject=subject,
         )
 

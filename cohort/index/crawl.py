@@ -94,6 +94,14 @@ def _floats(ds: pydicom.Dataset, keyword: str) -> list[float] | None:
         return None
 
 
+def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float | None, float | None]:
+    """(between rows, between columns) in mm, or Nones when absent or malformed."""
+    values = _floats(ds, "PixelSpacing")
+    if not values or len(values) != 2:
+        return None, None
+    return values[0], values[1]
+
+
 def _referenced_series(ds: pydicom.Dataset) -> list[str] | None:
     if ds.get("Modality") not in ("RTSTRUCT", "SEG"):
         return None
@@ -162,8 +170,8 @@ def read_index_row(path: str) -> dict[str, Any]:
             "tube_current": _number(ds, "XRayTubeCurrent"),
             "contrast_agent": _text(ds, "ContrastBolusAgent"),
             "slice_thickness": _number(ds, "SliceThickness"),
-            "pixel_spacing_row": (_floats(ds, "PixelSpacing") or [None, None])[0],
-            "pixel_spacing_col": (_floats(ds, "PixelSpacing") or [None, None])[-1],
+            "pixel_spacing_row": _pixel_spacing(ds)[0],
+            "pixel_spacing_col": _pixel_spacing(ds)[1],
             "rows": _integer(ds, "Rows"),
             "columns": _integer(ds, "Columns"),
             "instance_number": _integer(ds, "InstanceNumber"),

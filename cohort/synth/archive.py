@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -76,8 +76,8 @@ class DemoArchive:
     patients: tuple[PatientTruth, ...]
 
 
-def _uid(*parts: object) -> str:
-    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
+def _uid(*parts: object) -> UID:
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
 def _ellipse_polygon(cx: float, cy: float, a: float, b: float, n: int = 96) -> np.ndarray:
@@ -93,8 +93,8 @@ def _section(radius_z: float, dz: float) -> float:
 
 def _base_dataset(meta_class: str, sop_uid: str) -> Dataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = meta_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(meta_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -138,7 +138,7 @@ def write_demo_archive(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    uid_salt = rng.integers(1 << 62) if fresh_uids else 0
+    uid_salt = int(rng.integers(1 << 62)) if fresh_uids else 0
     patients = []
     for i in range(n_patients):
         pid = f"DEMO-{i + 1:03d}"
@@ -151,26 +151,36 @@ def write_demo_archive(
         for p in patients:
             stage = "I" if p.tumour_volume_mm3 < 8e3 else "II" if p.tumour_volume_mm3 < 2e4 else "III"
             age = int(rng.integers(45, 85))
-            writer.writerow([p.patient_id, age, rng.choice(["male", "female"]), stage,
-                             p.survival_days, p.event])
+            writer.writerow(
+                [p.patient_id, age, rng.choice(["male", "female"]), stage, p.survival_days, p.event]
+            )
     return DemoArchive(root=root, clinical_csv=clinical, patients=tuple(patients))
 
 
 def _write_patient(
-    root: Path, pid: str, scanner: Scanner, rng: np.random.Generator, seed: int, salt: int, matrix: int,
+    root: Path,
+    pid: str,
+    scanner: Scanner,
+    rng: np.random.Generator,
+    seed: int,
+    salt: int,
+    matrix: int,
     index: int,
 ) -> PatientTruth:
     thickness = scanner.slice_thickness
     spacing = scanner.pixel_spacing * 512 / matrix  # same field of view at any matrix
-    n_slices = int(round(rng.uniform(150.0, 200.0) / thickness))
+    n_slices = round(rng.uniform(150.0, 200.0) / thickness)
     scale = rng.uniform(0.85, 1.1)
     body_a, body_b = 150 * scale, 105 * scale
     lung_c = 0.5 * n_slices * thickness * 0.95
-    lungs = [(-70 * scale, -5.0, 0.0, 52 * scale, 68 * scale, lung_c),
-             (70 * scale, -5.0, 0.0, 55 * scale, 70 * scale, lung_c)]
+    lungs = [
+        (-70 * scale, -5.0, 0.0, 52 * scale, 68 * scale, lung_c),
+        (70 * scale, -5.0, 0.0, 55 * scale, 70 * scale, lung_c),
+    ]
     side = int(rng.integers(2))
-    lx, ly, lz, la, lb, lc = lungs[side]
-    radii = tuple(float(r) for r in rng.uniform(8.0, 22.0, size=3))
+    lx, ly, _, la, lb, lc = lungs[side]
+    r0, r1, r2 = (float(r) for r in rng.uniform(8.0, 22.0, size=3))
+    radii = (r0, r1, r2)
     centre = (
         lx + rng.uniform(-0.3, 0.3) * (la - radii[0]),
         ly + rng.uniform(-0.3, 0.3) * (lb - radii[1]),
@@ -201,7 +211,7 @@ def _write_patient(
 
     ct_dir = root / pid / "CT"
     ct_dir.mkdir(parents=True, exist_ok=True)
-    sop_uids = []
+    sop_uids: list[str] = []
     gtv_polys: dict[int, np.ndarray] = {}
     lung_polys: list[dict[int, np.ndarray]] = [{}, {}]
     body_polys: dict[int, np.ndarray] = {}
@@ -211,7 +221,7 @@ def _write_patient(
         hu[body] = 40.0
         couch = (np.abs(xx) < 180) & (yy > body_b + 15) & (yy < body_b + 25)
         hu[couch] = 150.0
-        spine = (xx ** 2 + (yy - 0.7 * body_b) ** 2) <= (18 * scale) ** 2
+        spine = (xx**2 + (yy - 0.7 * body_b) ** 2) <= (18 * scale) ** 2
         hu[spine] = 450.0
         body_polys[k] = _ellipse_polygon(0.0, 0.0, body_a, body_b)
         for j, (cx, cy, _cz, a, b, c) in enumerate(lungs):
@@ -222,7 +232,9 @@ def _write_patient(
                 lung_polys[j][k] = _ellipse_polygon(cx, cy, a * s, b * s)
         s = _section(radii[2], z - centre[2])
         if s > 0:
-            tumour = ((xx - centre[0]) / (radii[0] * s)) ** 2 + ((yy - centre[1]) / (radii[1] * s)) ** 2 <= 1.0
+            tumour = ((xx - centre[0]) / (radii[0] * s)) ** 2 + (
+                (yy - centre[1]) / (radii[1] * s)
+            ) ** 2 <= 1.0
             hu[tumour] = 30.0 + 25.0 * texture[k][tumour]
             gtv_polys[k] = _ellipse_polygon(centre[0], centre[1], radii[0] * s, radii[1] * s, n=64)
         hu += scanner.offset_hu + rng.normal(0.0, scanner.noise_hu, size=hu.shape)
@@ -277,15 +289,46 @@ def _write_patient(
         (gtv_name, gtv_polys, (255, 0, 0)),
         ("Isocenter 1", None, (255, 255, 0)),
     ]
-    _write_rtstruct(root / pid / "RS" / "RS.dcm", pid, scanner, seed, salt, study_uid, study_date, series_uid,
-                    frame_uid, sop_uids, z_positions, rois, centre)
-    return PatientTruth(pid, scanner, n_slices, gtv_name, tuple(float(c) for c in centre), radii, volume,
-                        survival_days, event)
+    _write_rtstruct(
+        root / pid / "RS" / "RS.dcm",
+        pid,
+        scanner,
+        seed,
+        salt,
+        study_uid,
+        study_date,
+        series_uid,
+        frame_uid,
+        sop_uids,
+        z_positions,
+        rois,
+        centre,
+    )
+    return PatientTruth(
+        pid,
+        scanner,
+        n_slices,
+        gtv_name,
+        (float(centre[0]), float(centre[1]), float(centre[2])),
+        radii,
+        volume,
+        survival_days,
+        event,
+    )
 
 
 def _write_rtstruct(
-    path: Path, pid: str, scanner: Scanner, seed: int, salt: int, study_uid: str, study_date: str,
-    series_uid: str, frame_uid: str, sop_uids: list[str], z_positions: np.ndarray,
+    path: Path,
+    pid: str,
+    scanner: Scanner,
+    seed: int,
+    salt: int,
+    study_uid: str,
+    study_date: str,
+    series_uid: str,
+    frame_uid: str,
+    sop_uids: list[str],
+    z_positions: np.ndarray,
     rois: list[tuple[str, dict[int, np.ndarray] | None, tuple[int, int, int]]],
     isocentre: tuple[float, float, float],
 ) -> None:
@@ -355,8 +398,11 @@ def _write_rtstruct(
         obs = Dataset()
         obs.ObservationNumber = number
         obs.ReferencedROINumber = number
-        obs.RTROIInterpretedType = "MARKER" if polys is None else ("EXTERNAL" if name == "BODY" else
-                                                                  "GTV" if "gtv" in name.lower() else "ORGAN")
+        obs.RTROIInterpretedType = (
+            "MARKER"
+            if polys is None
+            else ("EXTERNAL" if name == "BODY" else "GTV" if "gtv" in name.lower() else "ORGAN")
+        )
         obs.ROIInterpreter = ""
         obs_seq.append(obs)
     ds.StructureSetROISequence = roi_seq
@@ -370,4 +416,4 @@ def read_clinical(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-__all__ = ["DemoArchive", "PatientTruth", "Scanner", "SCANNERS", "read_clinical", "write_demo_archive"]
+__all__ = ["SCANNERS", "DemoArchive", "PatientTruth", "Scanner", "read_clinical", "write_demo_archive"]

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cohort.cli import main
+
+
+def test_index_command_writes_the_index_and_prints_counts(
+    lung1_archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["index", str(lung1_archive), "--out", str(tmp_path / "idx")]) == 0
+    out = capsys.readouterr().out
+    assert "251 files: 251 DICOM instances, 0 quarantined" in out
+    assert len(pd.read_parquet(tmp_path / "idx" / "instances.parquet")) == 251
+
+
+def test_bad_spec_exits_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("archive: a\nstore: s\nexecutor:\n  kind: spark\n")
+    assert main(["run", str(spec)]) == 2
+    assert "executor.kind" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_command_prints_the_summary_and_a_read_line(
+    prefect_server: str, demo_archive, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "cohort.yaml"
+    spec.write_text(
+        f"archive: {demo_archive.root}\nstore: store\nexecutor:\n  kind: threads\n  n_workers: 2\n"
+    )
+    assert main(["run", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "cases processed" in out
+    line = next(x for x in out.splitlines() if "pd.read_parquet(" in x)
+    table = line.split('pd.read_parquet("')[1].split('")')[0]
+    assert len(pd.read_parquet(table)) == 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,17 +12,32 @@ from typing import Any
 from cohort.curate.select import WorkItem
 
 
-def remaining_work(items: Sequence[WorkItem], done: set[tuple[str, ...]]) -> tuple[list[WorkItem], int]:
-    """Drop ROIs whose (series, RTSTRUCT, ROI) row is already in the store.
+def _only_itself(source: str, canonical: str) -> list[str]:
+    return [source]
 
-    Returns the items still to process (with only their missing ROIs) and the
-    number of ROI rows skipped because they are done.
+
+def remaining_work(
+    items: Sequence[WorkItem],
+    done: set[tuple[str, ...]],
+    keys_of: Callable[[str, str], list[str]] = _only_itself,
+) -> tuple[list[WorkItem], int]:
+    """Drop ROIs whose (series, RTSTRUCT, ROI) rows are all in the store already.
+
+    ``keys_of(source name, canonical name)`` lists the ``roi_source`` keys an
+    RTSTRUCT ROI produces (itself, and its sub-volumes when configured). Returns
+    the items still to process (with only their unfinished ROIs) and the number
+    of ROIs skipped because they are done.
     """
     todo: list[WorkItem] = []
     skipped = 0
     for item in items:
         missing = tuple(
-            r for r in item.rois if (item.series_uid, item.rtstruct_uid, r.source_name) not in done
+            r
+            for r in item.rois
+            if any(
+                (item.series_uid, item.rtstruct_uid, key) not in done
+                for key in keys_of(r.source_name, r.canonical)
+            )
         )
         skipped += len(item.rois) - len(missing)
         if missing:

@@ -26,8 +26,10 @@ import cohort
 from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
 from cohort.curate.select import METADATA_COLUMNS, WorkItem
 from cohort.curate.series import read_series
-from cohort.errors import CohortError, RTStructError, Stage
+from cohort.errors import CohortError, RadiomicsError, RTStructError, Stage
 from cohort.radiomics.extract import extract_features
+from cohort.radiomics.perturb import perturb
+from cohort.radiomics.subvolumes import split_solid
 
 #: Key columns of a feature row: one row per (series, RTSTRUCT, ROI) and feature set.
 KEY_COLUMNS = ("series_uid", "rtstruct_uid", "roi_source")
@@ -89,7 +91,38 @@ FAILURE_SCHEMA = pa.schema(
     ]
 )
 
-STAGE_TIMERS = ("read_series", "read_rtstruct", "rasterise", "radiomics")
+STAGE_TIMERS = ("read_series", "read_rtstruct", "rasterise", "radiomics", "stability")
+
+#: Fixed columns of the perturbed-feature (stability) table; features follow as float64.
+STABILITY_KEY_SCHEMA = pa.schema(
+    [
+        ("patient_id", _str),
+        ("series_uid", _str),
+        ("rtstruct_uid", _str),
+        ("roi", _str),
+        ("roi_source", _str),
+        ("perturbation", _str),
+        ("feature_set", _str),
+        ("run_id", _str),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SubvolumeRule:
+    """Split the ROI harmonised to ``roi`` at ``threshold`` into two named parts."""
+
+    roi: str
+    threshold: float
+    solid: str
+    rest: str
+
+
+@dataclass(frozen=True)
+class StabilitySettings:
+    perturbations: tuple[str, ...]
+    noise_sd: float
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -100,12 +133,28 @@ class ShardSettings:
     settings_hash: str
     feature_set: str
     run_id: str
+    crop: bool = True
+    max_case_mb: float | None = None
+    subvolumes: tuple[SubvolumeRule, ...] = ()
+    stability: StabilitySettings | None = None
+
+    def subvolume_rule(self, canonical: str) -> SubvolumeRule | None:
+        return next((rule for rule in self.subvolumes if rule.roi == canonical), None)
+
+
+def roi_keys(source_name: str, canonical: str, subvolumes: Sequence[SubvolumeRule]) -> list[str]:
+    """The ``roi_source`` keys one RTSTRUCT ROI produces: itself and its sub-volumes."""
+    rule = next((r for r in subvolumes if r.roi == canonical), None)
+    if rule is None:
+        return [source_name]
+    return [source_name, f"{source_name}#solid", f"{source_name}#rest"]
 
 
 @dataclass(frozen=True)
 class ShardResult:
     features: pa.Table
     failures: pa.Table
+    stability: pa.Table | None = None
     seconds: Mapping[str, float] = field(default_factory=dict)
     n_items: int = 0
 
@@ -187,10 +236,17 @@ def _failure(
     }
 
 
-def process_item(
-    item: WorkItem, settings: ShardSettings, clock: _Clock | None = None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """All stages for one work item: (feature rows, failure rows)."""
+@dataclass
+class ItemResult:
+    """What one work item produced: feature rows, failure rows, perturbed-feature rows."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    perturbed: list[dict[str, Any]] = field(default_factory=list)
+
+
+def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None = None) -> ItemResult:
+    """All stages for one work item; every ROI ends as a feature row or a failure row."""
     clock = clock or _Clock()
     versions = library_versions()
     series_dir = item.image_paths[0].rsplit("/", 1)[0] if item.image_paths else ""
@@ -198,27 +254,60 @@ def process_item(
         with clock.time("read_series"):
             image = read_series(item.image_paths, series_uid=item.series_uid)
     except Exception as exc:  # any failure here fails the whole case, recorded per ROI
-        return [], [
-            _failure(item, settings, exc, stage=Stage.CURATE, roi_source=r.source_name, input_path=series_dir)
-            for r in item.rois
-        ]
+        return ItemResult(
+            failures=[
+                _failure(
+                    item, settings, exc, stage=Stage.CURATE, roi_source=r.source_name, input_path=series_dir
+                )
+                for r in item.rois
+            ]
+        )
     try:
         with clock.time("read_rtstruct"):
             structure_set = pydicom.dcmread(item.rtstruct_path)
             infos = read_roi_infos(structure_set)
     except Exception as exc:
-        return [], [
-            _failure(
-                item, settings, exc, stage=Stage.MASK, roi_source=r.source_name, input_path=item.rtstruct_path
-            )
-            for r in item.rois
-        ]
+        return ItemResult(
+            failures=[
+                _failure(
+                    item,
+                    settings,
+                    exc,
+                    stage=Stage.MASK,
+                    roi_source=r.source_name,
+                    input_path=item.rtstruct_path,
+                )
+                for r in item.rois
+            ]
+        )
 
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    perturbed: list[dict[str, Any]] = []
     settings_json = json.dumps(settings.radiomics_params, sort_keys=True)
+    common = {
+        "patient_id": item.patient_id,
+        "study_uid": item.study_uid,
+        "series_uid": item.series_uid,
+        "rtstruct_uid": item.rtstruct_uid,
+        "modality": item.modality,
+        **{key: item.metadata.get(key) for key in METADATA_COLUMNS},
+        "n_slices": item.n_slices,
+        "feature_set": settings.feature_set,
+        "settings_hash": settings.settings_hash,
+        "settings_json": settings_json,
+        "image_hash": item.image_hash,
+        "rtstruct_hash": item.rtstruct_hash,
+        **versions,
+        "run_id": settings.run_id,
+    }
+
+    def fail(exc: Exception, roi_source: str, stage: Stage = Stage.RADIOMICS) -> None:
+        failures.append(
+            _failure(item, settings, exc, stage=stage, roi_source=roi_source, input_path=item.rtstruct_path)
+        )
+
     for roi in item.rois:
-        subject = f"{item.series_uid} / {roi.source_name}"
         try:
             numbers = [info.number for info in infos if info.name == roi.source_name]
             if len(numbers) != 1:
@@ -228,56 +317,117 @@ def process_item(
                 )
             with clock.time("rasterise"):
                 roi_mask = rasterise_rtstruct(structure_set, numbers[0], image)
-            with clock.time("radiomics"):
-                features = extract_features(image, roi_mask.mask, settings.radiomics_params, subject=subject)
         except Exception as exc:
-            failures.append(
-                _failure(
-                    item,
-                    settings,
-                    exc,
-                    stage=Stage.RADIOMICS,
-                    roi_source=roi.source_name,
-                    input_path=item.rtstruct_path,
-                )
-            )
+            fail(exc, roi.source_name, Stage.MASK)
             continue
-        row: dict[str, Any] = {
-            "patient_id": item.patient_id,
-            "study_uid": item.study_uid,
-            "series_uid": item.series_uid,
-            "rtstruct_uid": item.rtstruct_uid,
-            "roi": roi.canonical,
-            "roi_source": roi.source_name,
-            "modality": item.modality,
-            **{key: item.metadata.get(key) for key in METADATA_COLUMNS},
-            "n_slices": item.n_slices,
-            "mask_voxels": roi_mask.voxel_count,
-            "mask_notes": "; ".join(roi_mask.notes) or None,
-            "feature_set": settings.feature_set,
-            "settings_hash": settings.settings_hash,
-            "settings_json": settings_json,
-            "image_hash": item.image_hash,
-            "rtstruct_hash": item.rtstruct_hash,
-            **versions,
-            "run_id": settings.run_id,
-            "processed_at": datetime.now(UTC),
-        }
-        row.update(features)
-        rows.append(row)
-    return rows, failures
+        notes = "; ".join(roi_mask.notes) or None
+        targets = [(roi.canonical, roi.source_name, roi_mask.mask, roi_mask.voxel_count, notes)]
+        rule = settings.subvolume_rule(roi.canonical)
+        if rule is not None:
+            parts = split_solid(
+                image, roi_mask.mask, rule.threshold, solid_name=rule.solid, rest_name=rule.rest
+            )
+            targets += [
+                (
+                    p.name,
+                    f"{roi.source_name}#{p.suffix}",
+                    p.mask,
+                    p.voxel_count,
+                    f"{p.suffix} part of {roi.source_name} at threshold {rule.threshold:g}",
+                )
+                for p in parts
+            ]
+        for canonical, source, mask, voxels, target_notes in targets:
+            subject = f"{item.series_uid} / {source}"
+            try:
+                if voxels == 0:
+                    raise RadiomicsError(f"{canonical} is empty ({target_notes})", subject=subject)
+                with clock.time("radiomics"):
+                    features = extract_features(
+                        image,
+                        mask,
+                        settings.radiomics_params,
+                        subject=subject,
+                        crop=settings.crop,
+                        max_case_mb=settings.max_case_mb,
+                    )
+            except Exception as exc:
+                fail(exc, source)
+                continue
+            rows.append(
+                {
+                    **common,
+                    "roi": canonical,
+                    "roi_source": source,
+                    "mask_voxels": voxels,
+                    "mask_notes": target_notes,
+                    "processed_at": datetime.now(UTC),
+                    **features,
+                }
+            )
+            if settings.stability is not None:
+                perturbed += _perturbed_rows(item, settings, image, mask, canonical, source, clock, fail)
+    return ItemResult(rows, failures, perturbed)
 
 
-def features_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Rows to a table: fixed key/provenance schema, then float64 features in order."""
+def _perturbed_rows(
+    item: WorkItem,
+    settings: ShardSettings,
+    image: Any,
+    mask: Any,
+    canonical: str,
+    source: str,
+    clock: _Clock,
+    fail: Any,
+) -> list[dict[str, Any]]:
+    """Features of one ROI under each perturbation of the stability settings."""
+    assert settings.stability is not None
+    stability = settings.stability
+    seed = stability.seed + int(item.image_hash[:8], 16)
+    out = []
+    for name, p_image, p_mask in perturb(
+        image, mask, stability.perturbations, noise_sd=stability.noise_sd, seed=seed
+    ):
+        subject = f"{item.series_uid} / {source} / perturbation {name}"
+        try:
+            with clock.time("stability"):
+                features = extract_features(
+                    p_image,
+                    p_mask,
+                    settings.radiomics_params,
+                    subject=subject,
+                    crop=settings.crop,
+                    max_case_mb=settings.max_case_mb,
+                )
+        except Exception as exc:
+            fail(exc, f"{source}@{name}")
+            continue
+        out.append(
+            {
+                "patient_id": item.patient_id,
+                "series_uid": item.series_uid,
+                "rtstruct_uid": item.rtstruct_uid,
+                "roi": canonical,
+                "roi_source": source,
+                "perturbation": name,
+                "feature_set": settings.feature_set,
+                "run_id": settings.run_id,
+                **features,
+            }
+        )
+    return out
+
+
+def features_table(rows: Sequence[Mapping[str, Any]], key_schema: pa.Schema = FEATURE_KEY_SCHEMA) -> pa.Table:
+    """Rows to a table: the fixed key/provenance schema, then float64 features in order."""
     if not rows:
-        return pa.Table.from_pylist([], schema=FEATURE_KEY_SCHEMA)
-    fixed = set(FEATURE_KEY_SCHEMA.names)
+        return pa.Table.from_pylist([], schema=key_schema)
+    fixed = set(key_schema.names)
     feature_names = [k for k in rows[0] if k not in fixed]
     for row in rows[1:]:
         if [k for k in row if k not in fixed] != feature_names:
             raise ValueError("feature rows of one feature set disagree on their feature names")
-    schema = FEATURE_KEY_SCHEMA
+    schema = key_schema
     for name in feature_names:
         schema = schema.append(pa.field(name, pa.float64()))
     return pa.Table.from_pylist(list(rows), schema=schema)
@@ -296,20 +446,42 @@ def check_features_schema(table: pa.Table) -> None:
             raise ValueError(f"feature column {f.name} is {f.type}, not float64")
 
 
+def _check_every_roi_accounted(
+    items: Sequence[WorkItem],
+    settings: ShardSettings,
+    rows: list[dict[str, Any]],
+    failures: list[dict[str, Any]],
+) -> None:
+    """Every ROI asked for ends as a feature row or a failure row: no case is lost silently."""
+    seen = {(r["series_uid"], r["rtstruct_uid"], r["roi_source"]) for r in rows}
+    failed_keys = {(f["series_uid"], f["rtstruct_uid"], f["roi_source"]) for f in failures}
+    for item in items:
+        for roi in item.rois:
+            for key in roi_keys(roi.source_name, roi.canonical, settings.subvolumes):
+                full = (item.series_uid, item.rtstruct_uid, key)
+                main = (item.series_uid, item.rtstruct_uid, roi.source_name)
+                if full not in seen and full not in failed_keys and main not in failed_keys:
+                    raise AssertionError(f"{full} has neither a feature row nor a failure row")
+
+
 def process_shard(items: Sequence[WorkItem], settings: ShardSettings) -> ShardResult:
     """Process every item of a shard; one item's failure never stops the others."""
     clock = _Clock()
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    perturbed: list[dict[str, Any]] = []
     for item in items:
-        item_rows, item_failures = process_item(item, settings, clock)
-        rows += item_rows
-        failures += item_failures
+        result = process_item(item, settings, clock)
+        rows += result.rows
+        failures += result.failures
+        perturbed += result.perturbed
+    _check_every_roi_accounted(items, settings, rows, failures)
     table = features_table(rows)
     check_features_schema(table)
     return ShardResult(
         features=table,
         failures=pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA),
+        stability=features_table(perturbed, STABILITY_KEY_SCHEMA) if settings.stability else None,
         seconds=dict(clock.seconds),
         n_items=len(items),
     )

@@ -57,12 +57,42 @@ class SelectionSpec(_Model):
         return value
 
 
+Perturbation = Literal["erode", "dilate", "shift_x", "shift_y", "noise", "translate"]
+PERTURBATIONS: tuple[Perturbation, ...] = ("erode", "dilate", "shift_x", "shift_y", "noise", "translate")
+
+
+class SubvolumeSpec(_Model):
+    """Split an ROI into a solid part (>= threshold) and the rest (ground glass)."""
+
+    threshold: float = Field(description="Intensity (HU for CT) at or above which a voxel is solid.")
+    solid: str | None = Field(None, description="Name of the solid part; default <ROI>_solid.")
+    rest: str | None = Field(None, description="Name of the remainder; default <ROI>_ggo.")
+
+
+class StabilitySpec(_Model):
+    """Repeated extraction under small perturbations, for per-feature ICC."""
+
+    enabled: bool = False
+    perturbations: list[Perturbation] = Field(default_factory=lambda: list(PERTURBATIONS))
+    noise_sd: float = Field(10.0, gt=0, description="Sd of the Gaussian noise added to the image.")
+    seed: int = 0
+    icc: Literal["ICC(1,1)", "ICC(2,1)", "ICC(3,1)"] = "ICC(1,1)"
+
+
 class RadiomicsSpec(_Model):
     """pyradiomics parameters: a shipped preset, a parameter file, or inline."""
 
     preset: str | None = Field("ct-original", description="Name of a shipped preset.")
     params_file: Path | None = Field(None, description="A pyradiomics parameter file (YAML/JSON).")
     params: dict[str, Any] | None = Field(None, description="Inline pyradiomics parameters.")
+    crop: bool = Field(True, description="Crop to the ROI with a safe margin before extraction.")
+    max_case_mb: float | None = Field(
+        8192, gt=0, description="Refuse an ROI whose estimated extraction memory exceeds this (MiB)."
+    )
+    subvolumes: dict[str, SubvolumeSpec] = Field(
+        default_factory=dict, description="Harmonised ROI name -> solid/ground-glass split."
+    )
+    stability: StabilitySpec = StabilitySpec()
 
     @model_validator(mode="after")
     def _one_source(self) -> RadiomicsSpec:
@@ -121,6 +151,10 @@ class CohortSpec(_Model):
 
     def radiomics_params(self) -> dict[str, Any]:
         return self.radiomics.resolve()
+
+    def feature_settings(self) -> dict[str, Any]:
+        """Everything that changes a feature value: hashed into the feature-set name."""
+        return {"pyradiomics": self.radiomics_params(), "crop": self.radiomics.crop}
 
 
 def load_preset(name: str) -> dict[str, Any]:

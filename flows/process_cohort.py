@@ -14,11 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from cohort.analysis.stability import IccForm, feature_icc
 from cohort.curate.select import WorkItem, plan_work
 from cohort.errors import Stage
 from cohort.index.crawl import index_files, iter_chunks, list_archive
@@ -28,13 +30,17 @@ from cohort.run import RunSummary, add_seconds, remaining_work
 from cohort.shard import (
     FAILURE_SCHEMA,
     KEY_COLUMNS,
+    STABILITY_KEY_SCHEMA,
     ShardSettings,
+    StabilitySettings,
+    SubvolumeRule,
     make_shards,
     process_shard,
+    roi_keys,
 )
 from cohort.spec import CohortSpec, build_spec, settings_hash
 from cohort.store.layout import StoreLayout
-from cohort.store.parquet import existing_keys, write_part, write_table_atomic
+from cohort.store.parquet import existing_keys, read_table, write_part, write_table_atomic
 from flows.progress import report
 from flows.runtime import prefect_api, task_runner_for
 
@@ -43,6 +49,7 @@ INDEX_CHUNK = 400
 
 
 def _keys(items: Sequence[WorkItem]) -> list[str]:
+    """Part-file keys of a shard: one per RTSTRUCT ROI it was asked to process."""
     return [f"{i.series_uid}|{i.rtstruct_uid}|{r.source_name}" for i in items for r in i.rois]
 
 
@@ -58,6 +65,8 @@ def process_shard_task(items: list[WorkItem], settings: ShardSettings, store: st
     keys = _keys(items)
     write_part(result.features, layout.features(settings.feature_set), keys)
     write_part(result.failures, layout.failures(settings.run_id), keys)
+    if result.stability is not None:
+        write_part(result.stability, layout.stability(settings.feature_set), keys)
     ok_series = set(result.features.column("series_uid").to_pylist()) if result.features.num_rows else set()
     return {
         "items": len(items),
@@ -90,6 +99,48 @@ def _shard_failure_rows(items: Sequence[WorkItem], run_id: str, exc: BaseExcepti
         for r in i.rois
     ]
     return pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
+
+
+def shard_settings(
+    spec: CohortSpec, params: dict[str, Any], digest: str, feature_set: str, run_id: str
+) -> ShardSettings:
+    """The picklable settings every shard gets, from the spec."""
+    radiomics = spec.radiomics
+    rules = tuple(
+        SubvolumeRule(roi, rule.threshold, rule.solid or f"{roi}_solid", rule.rest or f"{roi}_ggo")
+        for roi, rule in radiomics.subvolumes.items()
+    )
+    stability = None
+    if radiomics.stability.enabled:
+        stability = StabilitySettings(
+            tuple(radiomics.stability.perturbations), radiomics.stability.noise_sd, radiomics.stability.seed
+        )
+    return ShardSettings(
+        params,
+        digest,
+        feature_set,
+        run_id,
+        crop=radiomics.crop,
+        max_case_mb=radiomics.max_case_mb,
+        subvolumes=rules,
+        stability=stability,
+    )
+
+
+def stability_icc(layout: StoreLayout, feature_set: str, form: IccForm) -> pa.Table | None:
+    """Per-feature ICC across the unperturbed rows and every perturbation in the store."""
+    perturbed = read_table(layout.stability(feature_set))
+    features = read_table(layout.features(feature_set))
+    if perturbed is None or features is None:
+        return None
+    subject = ["series_uid", "rtstruct_uid", "roi_source"]
+    names = [n for n in perturbed.schema.names if n not in STABILITY_KEY_SCHEMA.names]
+    base = features.select([*subject, *names]).to_pandas().assign(perturbation="none")
+    long = pd.concat([base, perturbed.select([*subject, "perturbation", *names]).to_pandas()])
+    return pa.Table.from_pandas(
+        feature_icc(long, subject=subject, rater="perturbation", features=names, form=form),
+        preserve_index=False,
+    )
 
 
 def _current_run_id() -> str:
@@ -137,10 +188,13 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     items, decisions = plan_work(instances, cohort_spec)
     write_table_atomic(decisions, layout.run_dir(run_id) / "selection.parquet")
     params = cohort_spec.radiomics_params()
-    digest = settings_hash(params)
+    digest = settings_hash(cohort_spec.feature_settings())
     feature_set = feature_set_name(digest)
+    settings = shard_settings(cohort_spec, params, digest, feature_set, run_id)
     done = existing_keys(layout.features(feature_set), KEY_COLUMNS)
-    todo, rows_skipped = remaining_work(items, done)
+    todo, rows_skipped = remaining_work(
+        items, done, lambda source, canonical: roi_keys(source, canonical, settings.subvolumes)
+    )
     logger.info(
         "%d case(s) selected, %d to process, %d ROI row(s) already in %s",
         len(items),
@@ -155,7 +209,6 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     shards = make_shards(
         todo, cohort_spec.shard_slices, min_shards=2 * executor.n_workers * executor.threads_per_worker
     )
-    settings = ShardSettings(params, digest, feature_set, run_id)
     report("process", 0, len(todo))
     pending = {process_shard_task.submit(shard, settings, str(layout.root)): shard for shard in shards}
     cases_done = cases_ok = rows = failures = 0
@@ -177,6 +230,15 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         cases_done += len(shard)
         report("process", cases_done, len(todo))
     seconds["process"] = time.perf_counter() - t0
+    if settings.stability is not None:
+        icc_table = stability_icc(layout, feature_set, cohort_spec.radiomics.stability.icc)
+        if icc_table is not None:
+            write_table_atomic(icc_table, layout.stability_icc(feature_set))
+            logger.info(
+                "stability: ICC of %d features written to %s",
+                icc_table.num_rows,
+                layout.stability_icc(feature_set),
+            )
     seconds.update({f"stage_{k}": v for k, v in stage_seconds.items()})
 
     summary = RunSummary(

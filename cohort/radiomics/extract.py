@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cohort.errors import RadiomicsError, SpecError
+from cohort.radiomics.crop import crop_for_extraction, estimate_case_bytes
 
 #: Settings the platform imposes on every extractor; they change no feature value.
 FORCED_SETTINGS: dict[str, Any] = {"additionalInfo": False}
@@ -72,15 +73,41 @@ def feature_set_name(settings_hash: str) -> str:
 
 
 def extract_features(
-    image: sitk.Image, mask: sitk.Image, params: Mapping[str, Any], *, subject: str = ""
+    image: sitk.Image,
+    mask: sitk.Image,
+    params: Mapping[str, Any],
+    *,
+    subject: str = "",
+    crop: bool = True,
+    max_case_mb: float | None = None,
 ) -> dict[str, float]:
     """Features of the voxels labelled ``setting.label`` (default 1) in ``mask``.
 
     Returns ``{feature name: float}`` in pyradiomics' naming
-    (``original_firstorder_Mean``). Raises :class:`RadiomicsError` with the reason
-    when pyradiomics fails (ROI too small, empty after resampling, ...).
+    (``original_firstorder_Mean``). With ``crop`` the image is first cropped to
+    the ROI by the margin rule of :mod:`cohort.radiomics.crop`. With
+    ``max_case_mb`` a case whose estimated memory exceeds the cap is refused
+    before any work. Raises :class:`RadiomicsError` with the reason when the ROI
+    is empty, the cap is exceeded or pyradiomics fails (ROI too small, empty
+    after resampling, ...).
     """
-    extractor = get_extractor(json.dumps(_with_forced(params), sort_keys=True))
+    run_params: Mapping[str, Any] = params
+    if crop or max_case_mb is not None:
+        try:
+            cropped_image, cropped_mask, cropped_params, plan = crop_for_extraction(image, mask, params)
+        except ValueError as exc:
+            raise RadiomicsError(f"cannot crop to the ROI: {exc}", subject=subject) from exc
+        if max_case_mb is not None:
+            needed = estimate_case_bytes(plan, cropped_mask, params) / 2**20
+            if needed > max_case_mb:
+                raise RadiomicsError(
+                    f"estimated {needed:.0f} MiB for this ROI exceeds the cap of {max_case_mb:.0f} MiB "
+                    "(radiomics.max_case_mb); raise the cap, or resample coarser / enable fewer filters",
+                    subject=subject,
+                )
+        if crop:
+            image, mask, run_params = cropped_image, cropped_mask, cropped_params
+    extractor = get_extractor(json.dumps(_with_forced(run_params), sort_keys=True))
     try:
         result = extractor.execute(image, mask)
     except Exception as exc:  # pyradiomics raises ValueError/AssertionError/RuntimeError

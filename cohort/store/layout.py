@@ -8,6 +8,8 @@
       features/<feature set>/        one table per radiomics settings hash
           part-<shard key>.parquet
       failures/<run id>/part-*.parquet   one row per failed (case, ROI, stage)
+      stability/<feature set>/           features under each perturbation (when enabled)
+      stability-icc/<feature set>.parquet   per-feature ICC across perturbations
       runs/<run id>/selection.parquet    one row per image series: selected or not, why
       runs/<run id>/summary.json         counts and timings of the run
 
@@ -38,6 +40,12 @@ class StoreLayout:
 
     def features(self, feature_set: str) -> Path:
         return self.root / "features" / feature_set
+
+    def stability(self, feature_set: str) -> Path:
+        return self.root / "stability" / feature_set
+
+    def stability_icc(self, feature_set: str) -> Path:
+        return self.root / "stability-icc" / f"{feature_set}.parquet"
 
     def failures(self, run_id: str) -> Path:
         return self.root / "failures" / run_id

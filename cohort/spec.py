@@ -47,6 +47,13 @@ class SelectionSpec(_Model):
         "references it has an ROI whose harmonised name fully matches it.",
     )
 
+    roles: dict[str, str] = Field(
+        default_factory=dict,
+        description="Series role -> regular expression searched (case-insensitive) in the series "
+        "description, e.g. {T1c: 't1.*(post|gd|\\+c)', T2: 't2'}. With roles, each selected series "
+        "gets a role, and series of the same study and frame of reference share structure sets.",
+    )
+
     @field_validator("require_roi")
     @classmethod
     def _compiles(cls, value: str) -> str:
@@ -54,6 +61,18 @@ class SelectionSpec(_Model):
             re.compile(value)
         except re.error as exc:
             raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _role_patterns_compile(cls, value: dict[str, str]) -> dict[str, str]:
+        for role, pattern in value.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", role):
+                raise ValueError(f"role name {role!r} must be letters and digits (it prefixes feature names)")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"roles.{role}: not a regular expression: {exc}") from exc
         return value
 
 

@@ -75,6 +75,7 @@ class WorkItem:
     rtstruct_hash: str
     rois: tuple[RoiSelection, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    role: str | None = None
 
     @property
     def n_slices(self) -> int:
@@ -91,6 +92,19 @@ def harmonise_roi_name(name: str, rois: Mapping[str, Sequence[str]]) -> str | No
         for pattern in patterns:
             if re.fullmatch(pattern, cleaned, flags=re.IGNORECASE):
                 return canonical
+    return None
+
+
+def series_role(description: Any, roles: Mapping[str, str]) -> str | None:
+    """The first role whose pattern is found (case-insensitive) in the series description."""
+    text = (
+        ""
+        if description is None or (isinstance(description, float) and pd.isna(description))
+        else str(description)
+    )
+    for role, pattern in roles.items():
+        if re.search(pattern, text, flags=re.IGNORECASE):
+            return role
     return None
 
 
@@ -139,6 +153,23 @@ def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[lis
         for ref in refs:
             links.setdefault(str(ref), []).append(rs)
 
+    roles = spec.selection.roles
+    borrowed: dict[str, str] = {}
+    if roles:
+        # A series with a role but no structure set of its own takes the contours of a
+        # structure set on another series of the same study and frame of reference
+        # (contours are in patient coordinates, so they rasterise onto any such grid).
+        firsts = selectable.sort_values("path").groupby("series_uid", sort=True).first()
+        for series_uid, first in firsts.iterrows():
+            if str(series_uid) in links:
+                continue
+            for other_uid, other in firsts.iterrows():
+                same_frame = other["frame_of_reference_uid"] == first["frame_of_reference_uid"]
+                if other_uid != series_uid and other["study_uid"] == first["study_uid"] and same_frame:
+                    for rs in links.get(str(other_uid), []):
+                        links.setdefault(str(series_uid), []).append(rs)
+                        borrowed[str(series_uid)] = str(other_uid)
+
     pattern = re.compile(spec.selection.require_roi)
     for series_uid, group in images.groupby("series_uid", sort=True):
         group = group.sort_values("path")
@@ -157,6 +188,17 @@ def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[lis
                     **base,
                     "selected": False,
                     "reason": f"modality {first['modality']} is not {spec.selection.modality}",
+                }
+            )
+            continue
+        role = series_role(first["series_description"], roles)
+        if roles and role is None:
+            decisions.append(
+                {
+                    **base,
+                    "selected": False,
+                    "reason": f"series description {first['series_description']!r} matches no role "
+                    f"({', '.join(roles)})",
                 }
             )
             continue
@@ -182,13 +224,12 @@ def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[lis
                     }
                 )
                 continue
-            decisions.append(
-                {
-                    **row,
-                    "selected": True,
-                    "reason": "ROIs " + ", ".join(f"{r.source_name} -> {r.canonical}" for r in chosen),
-                }
-            )
+            reason = "ROIs " + ", ".join(f"{r.source_name} -> {r.canonical}" for r in chosen)
+            if role is not None:
+                reason = f"role {role}; " + reason
+            if str(series_uid) in borrowed:
+                reason += f"; contours of the structure set on series {borrowed[str(series_uid)]}"
+            decisions.append({**row, "selected": True, "reason": reason})
             items.append(
                 WorkItem(
                     patient_id=str(first["patient_id"]),
@@ -202,6 +243,7 @@ def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[lis
                     rtstruct_hash=str(rs["sha256"]),
                     rois=tuple(chosen),
                     metadata={key: _none_if_na(first[key]) for key in METADATA_COLUMNS},
+                    role=role,
                 )
             )
     return items, pa.Table.from_pylist(decisions, schema=DECISION_SCHEMA)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -123,3 +124,66 @@ def test_schema_check_rejects_non_float_features() -> None:
     table = pa.Table.from_pylist([], schema=FEATURE_KEY_SCHEMA.append(pa.field("original_x", pa.string())))
     with pytest.raises(ValueError, match="not float64"):
         check_features_schema(table)
+
+
+@pytest.mark.slow
+def test_several_rois_per_series_and_a_too_small_roi_fails_alone(tmp_path: Path, demo_archive) -> None:
+    archive = tmp_path / "archive"
+    shutil.copytree(demo_archive.root, archive)
+    # DEMO-001 gets a second GTV of one voxel: a contour smaller than a pixel around one centre.
+    rs_path = archive / "DEMO-001" / "RS" / "RS.dcm"
+    rs = pydicom.dcmread(rs_path)
+    gtv_roi = next(r for r in rs.StructureSetROISequence if r.ROIName == "GTV-1")
+    gtv_contours = next(c for c in rs.ROIContourSequence if c.ReferencedROINumber == gtv_roi.ROINumber)
+    contour = gtv_contours.ContourSequence[len(gtv_contours.ContourSequence) // 2]
+    x, y, z = (float(v) for v in contour.ContourData[:3])
+    ct = pydicom.dcmread(sorted((archive / "DEMO-001" / "CT").iterdir())[0])
+    sx = float(ct.PixelSpacing[1])
+    x0 = float(ct.ImagePositionPatient[0]) + round((x - float(ct.ImagePositionPatient[0])) / sx) * sx
+    y0 = float(ct.ImagePositionPatient[1]) + round((y - float(ct.ImagePositionPatient[1])) / sx) * sx
+    tiny = copy.deepcopy(gtv_roi)
+    tiny.ROINumber, tiny.ROIName = 99, "GTV-2"
+    rs.StructureSetROISequence.append(tiny)
+    tiny_contours = copy.deepcopy(gtv_contours)
+    tiny_contours.ReferencedROINumber = 99
+    tiny_contours.ContourSequence = tiny_contours.ContourSequence[:1]
+    tiny_contours.ContourSequence[0].ContourData = [
+        x0 - 0.3 * sx,
+        y0 - 0.3 * sx,
+        z,
+        x0 + 0.3 * sx,
+        y0 - 0.3 * sx,
+        z,
+        x0,
+        y0 + 0.3 * sx,
+        z,
+    ]
+    tiny_contours.ContourSequence[0].NumberOfContourPoints = 3
+    rs.ROIContourSequence.append(tiny_contours)
+    rs.save_as(rs_path)
+
+    spec = build_spec(
+        {
+            "archive": str(archive),
+            "store": "unused",
+            "rois": {
+                "GTV": ["gtv[-_ ]?1", "gtv", "gtv_primary"],
+                "GTV2": ["gtv[-_ ]?2"],
+                "Lung_L": ["lung[- _]?l(eft)?"],
+                "Lung_R": ["lung[- _]?r(ight)?"],
+            },
+        },
+        environ={},
+    )
+    instances, _ = index_files(list_archive(archive))
+    items, _ = plan_work(instances, spec)
+    params = spec.radiomics_params()
+    digest = settings_hash(spec.feature_settings())
+    result = process_shard(
+        [i for i in items if i.patient_id == "DEMO-001"],
+        ShardSettings(params, digest, feature_set_name(digest), "t"),
+    )
+    assert sorted(result.features.column("roi").to_pylist()) == ["GTV", "Lung_L", "Lung_R"]
+    (failure,) = result.failures.to_pylist()
+    assert (failure["roi_source"], failure["stage"]) == ("GTV-2", "radiomics")
+    assert "1 segmented voxel" in failure["reason"]

@@ -19,6 +19,7 @@ class Stage(StrEnum):
     MASK = "mask"
     RADIOMICS = "radiomics"
     STORE = "store"
+    ANALYSIS = "analysis"
 
 
 class CohortError(Exception):

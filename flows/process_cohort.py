@@ -41,6 +41,8 @@ from cohort.shard import (
 from cohort.spec import CohortSpec, build_spec, settings_hash
 from cohort.store.layout import StoreLayout
 from cohort.store.parquet import existing_keys, read_table, write_part, write_table_atomic
+from cohort.store.results import write_shard_result
+from cohort.store.table import TableDir
 from flows.progress import report
 from flows.runtime import prefect_api, task_runner_for
 
@@ -61,17 +63,12 @@ def index_files_task(paths: list[str]) -> tuple[pa.Table, pa.Table]:
 @task(name="process-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1)
 def process_shard_task(items: list[WorkItem], settings: ShardSettings, store: str) -> dict[str, Any]:
     result = process_shard(items, settings)
-    layout = StoreLayout(Path(store))
-    keys = _keys(items)
-    write_part(result.features, layout.features(settings.feature_set), keys)
-    write_part(result.failures, layout.failures(settings.run_id), keys)
-    if result.stability is not None:
-        write_part(result.stability, layout.stability(settings.feature_set), keys)
+    written = write_shard_result(StoreLayout(Path(store)), settings, result, _keys(items))
     ok_series = set(result.features.column("series_uid").to_pylist()) if result.features.num_rows else set()
     return {
         "items": len(items),
         "cases_ok": sum(1 for i in items if i.series_uid in ok_series),
-        "rows": result.features.num_rows,
+        "rows": written.rows_written,
         "failures": result.failures.num_rows,
         "seconds": dict(result.seconds),
     }
@@ -130,7 +127,7 @@ def shard_settings(
 def stability_icc(layout: StoreLayout, feature_set: str, form: IccForm) -> pa.Table | None:
     """Per-feature ICC across the unperturbed rows and every perturbation in the store."""
     perturbed = read_table(layout.stability(feature_set))
-    features = read_table(layout.features(feature_set))
+    features = TableDir(layout.features(feature_set)).read()
     if perturbed is None or features is None:
         return None
     subject = ["series_uid", "rtstruct_uid", "roi_source"]
@@ -191,7 +188,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     digest = settings_hash(cohort_spec.feature_settings())
     feature_set = feature_set_name(digest)
     settings = shard_settings(cohort_spec, params, digest, feature_set, run_id)
-    done = existing_keys(layout.features(feature_set), KEY_COLUMNS)
+    done = existing_keys(layout.features(feature_set), KEY_COLUMNS)  # a versioned table reads like a folder
     todo, rows_skipped = remaining_work(
         items, done, lambda source, canonical: roi_keys(source, canonical, settings.subvolumes)
     )

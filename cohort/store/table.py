@@ -1,0 +1,216 @@
+"""One logical table of the store, safe under retries, crashes and concurrent writers.
+
+Layout of a table named ``T`` in folder ``F``::
+
+    F/T -> .T.versions/v000002        a symbolic link: what readers open
+    F/.T.versions/v000002/part-*.parquet
+    F/.T.versions/v000001/...         the previous version, kept for readers in flight
+    F/.T.lock                         writers and compaction hold it exclusively
+
+Guarantees for anyone reading ``F/T`` (``pandas.read_parquet``, pyarrow, DuckDB,
+polars, Dask):
+
+* **no partial files**: a part is written under a hidden name and renamed into
+  place; readers skip hidden names;
+* **no duplicates**: an append holds the table lock, re-reads the keys present
+  and writes only rows whose key is new — so retries, re-runs and two runs at
+  once add each key once;
+* **compaction is atomic**: the compacted table is written as a new version and
+  the link is swapped with one rename; a reader sees the old version or the new
+  one, never both. The previous version is deleted at the next compaction.
+
+The lock is ``fcntl.flock`` on a local or NFSv4 file system. Object stores have
+no rename or lock; there :func:`cohort.store.open` deduplicates on read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from cohort.errors import StoreError
+
+#: Temporary files older than this (seconds) are leftovers of crashed writers.
+STALE_TMP_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    written: int
+    skipped_existing: int
+    path: Path | None
+
+
+@dataclass(frozen=True)
+class CompactResult:
+    parts_before: int
+    parts_after: int
+    rows: int
+    duplicates_removed: int
+    stale_files_removed: int
+
+
+def _key_strings(table: pa.Table, key_columns: Sequence[str]) -> list[str]:
+    columns = [table.column(c).cast(pa.string()).fill_null("").to_pylist() for c in key_columns]
+    return ["\x1f".join(parts) for parts in zip(*columns, strict=True)]
+
+
+def _part_name(keys: Sequence[str]) -> str:
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+    return f"part-{digest[:20]}.parquet"
+
+
+class TableDir:
+    """A versioned Parquet table folder (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.versions = self.path.parent / f".{self.path.name}.versions"
+        self.lock_path = self.path.parent / f".{self.path.name}.lock"
+
+    # -- layout -----------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def current(self) -> Path:
+        """The folder of the current version, created on first use."""
+        if self.path.is_symlink():
+            return self.path.resolve()
+        if self.path.exists():
+            raise StoreError(
+                "is a plain folder, not a versioned table; move it aside or migrate it",
+                subject=str(self.path),
+            )
+        first = self.versions / "v000001"
+        first.mkdir(parents=True, exist_ok=True)
+        self._point_to(first)
+        return first
+
+    def _point_to(self, version: Path) -> None:
+        tmp = self.path.parent / f".{self.path.name}.link-{uuid.uuid4().hex}"
+        os.symlink(os.path.relpath(version, self.path.parent), tmp)
+        os.replace(tmp, self.path)
+
+    def parts(self) -> list[Path]:
+        if not self.path.exists():
+            return []
+        return sorted(
+            p for p in self.current().iterdir() if p.name.endswith(".parquet") and p.name[0] not in "._"
+        )
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive table lock (blocks until free)."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- reading ----------------------------------------------------------------
+    def read(self, columns: Sequence[str] | None = None) -> pa.Table | None:
+        if not self.path.exists():
+            return None
+        dataset = ds.dataset(str(self.path), format="parquet")
+        if not dataset.files:
+            return None
+        return dataset.to_table(columns=list(columns) if columns else None)
+
+    def keys(self, key_columns: Sequence[str]) -> set[str]:
+        table = self.read(key_columns)
+        return set() if table is None else set(_key_strings(table, key_columns))
+
+    # -- writing ----------------------------------------------------------------
+    def append(self, table: pa.Table, key_columns: Sequence[str]) -> AppendResult:
+        """Add the rows of ``table`` whose key is not in the table yet."""
+        if table.num_rows == 0:
+            return AppendResult(0, 0, None)
+        keys = _key_strings(table, key_columns)
+        if len(set(keys)) != len(keys):
+            raise StoreError("rows to append repeat a key", subject=str(self.path))
+        with self.lock():
+            folder = self.current()
+            present = self.keys(key_columns)
+            keep = [k not in present for k in keys]
+            new = table.filter(pa.array(keep))
+            if new.num_rows == 0:
+                return AppendResult(0, table.num_rows, None)
+            new_keys = [k for k, kept in zip(keys, keep, strict=True) if kept]
+            path = folder / _part_name(new_keys)
+            _write_atomic(new, path)
+        return AppendResult(new.num_rows, table.num_rows - new.num_rows, path)
+
+    def compact(self, key_columns: Sequence[str], order_by: str | None = "processed_at") -> CompactResult:
+        """Rewrite the table as one part (one row per key, the latest by ``order_by``)."""
+        with self.lock():
+            old = self.current()
+            parts = self.parts()
+            stale = _remove_stale_tmp(old)
+            table = self.read()
+            if table is None:
+                return CompactResult(len(parts), len(parts), 0, 0, stale)
+            before = table.num_rows
+            table = _deduplicate(table, key_columns, order_by)
+            number = int(old.name.removeprefix("v")) + 1
+            new = self.versions / f"v{number:06d}"
+            new.mkdir(parents=True, exist_ok=False)
+            _write_atomic(table, new / _part_name(_key_strings(table, key_columns)))
+            self._point_to(new)
+            # Keep the version just replaced for readers in flight; drop older ones.
+            for version in self.versions.iterdir():
+                if version not in (new, old) and version.is_dir():
+                    shutil.rmtree(version, ignore_errors=True)
+        return CompactResult(len(parts), 1, table.num_rows, before - table.num_rows, stale)
+
+
+def _deduplicate(table: pa.Table, key_columns: Sequence[str], order_by: str | None) -> pa.Table:
+    if order_by and order_by in table.column_names:
+        order = pc.sort_indices(table, sort_keys=[(order_by, "descending")])
+        table = table.take(order)
+    keys = _key_strings(table, key_columns)
+    seen: set[str] = set()
+    keep = []
+    for key in keys:
+        keep.append(key not in seen)
+        seen.add(key)
+    deduped = table.filter(pa.array(keep))
+    sort_keys = [(c, "ascending") for c in key_columns]
+    return deduped.take(pc.sort_indices(deduped, sort_keys=sort_keys))
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {exc}", subject=str(path)) from exc
+
+
+def _remove_stale_tmp(folder: Path, older_than: float = STALE_TMP_SECONDS) -> int:
+    now = time.time()
+    removed = 0
+    for path in folder.glob(".*.tmp"):
+        try:
+            if now - path.stat().st_mtime > older_than:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

@@ -190,6 +190,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    folder = resources.files("cohort.radiomics") / "presets"
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name.removesuffix(".yaml")):
+        if not entry.name.endswith(".yaml"):
+            continue
+        comment = " ".join(
+            line.lstrip("# ").strip() for line in entry.read_text().splitlines() if line.startswith("#")
+        )
+        print(f"{entry.name.removesuffix('.yaml'):20s} {comment}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cohort", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("path")
     index.add_argument("--out", default="index", help="output folder")
     index.set_defaults(func=cmd_index)
+
+    presets = sub.add_parser("presets", help="list the shipped radiomics presets")
+    presets.set_defaults(func=cmd_presets)
 
     synth = sub.add_parser("synth", help="write a synthetic CT + RTSTRUCT archive")
     synth.add_argument("out")

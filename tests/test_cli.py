@@ -38,3 +38,16 @@ def test_run_command_prints_the_summary_and_a_read_line(
     line = next(x for x in out.splitlines() if "pd.read_parquet(" in x)
     table = line.split('pd.read_parquet("')[1].split('")')[0]
     assert len(pd.read_parquet(table)) == 4
+
+
+def test_presets_command_lists_every_shipped_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["presets"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == [
+        "ct-all-filters",
+        "ct-filters",
+        "ct-original",
+        "mr-zscore",
+        "mr-zscore-filters",
+        "pet-suv",
+    ]

@@ -1,6 +1,14 @@
-"""Analyses on feature tables: ComBat, stability (ICC, CCC), survival (KM, log-rank, Cox, C-index)."""
+"""Analyses on feature tables: ComBat, stability, survival, exploration."""
 
 from cohort.analysis.combat import CombatError, CombatModel, fit_combat, harmonise_combat
+from cohort.analysis.explore import (
+    correlated_pairs,
+    mann_whitney,
+    spearman_matrix,
+    summary_statistics,
+    univariate_auc,
+    volume_surrogates,
+)
 from cohort.analysis.stability import concordance_correlation, feature_icc, icc, stable_features
 from cohort.analysis.survival import (
     RiskModel,
@@ -23,6 +31,7 @@ __all__ = [
     "censor_at",
     "concordance_correlation",
     "convert_time",
+    "correlated_pairs",
     "feature_icc",
     "fit_combat",
     "fit_cox",
@@ -32,8 +41,13 @@ __all__ = [
     "kaplan_meier",
     "logrank",
     "logrank_at_cutoff",
+    "mann_whitney",
+    "spearman_matrix",
     "split_at_cutoff",
     "stable_features",
+    "summary_statistics",
+    "univariate_auc",
     "univariate_cox",
     "uno_c",
+    "volume_surrogates",
 ]

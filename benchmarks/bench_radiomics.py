@@ -226,12 +226,13 @@ def run_child(job_path: str) -> None:
 def measure(variant: str, pset: ParamSet, case: Case, scratch: Path) -> dict[str, Any]:
     """Run one child process; return its result."""
     stem = scratch / f"{variant}-{pset.name}-{case.name}"
-    job = {
+    out = Path(f"{stem}.out.json")
+    job: dict[str, Any] = {
         "variant": variant,
         "params": pset.params,
         "image": str(case.image),
         "mask": str(case.mask),
-        "out": f"{stem}.out.json",
+        "out": str(out),
     }
     Path(f"{stem}.job.json").write_text(json.dumps(job))
     done = subprocess.run(
@@ -239,7 +240,7 @@ def measure(variant: str, pset: ParamSet, case: Case, scratch: Path) -> dict[str
     )
     if done.returncode != 0:
         sys.exit(f"child {variant}/{pset.name}/{case.name} failed:\n{done.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(Path(job["out"]).read_text())
+    result: dict[str, Any] = json.loads(out.read_text())
     return result
 
 
@@ -384,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(render_table(rows))
     print()
     build = max(row.build_s["pyradiomics"] for row in rows)
-    print(f"Seconds: best of repeats; pyradiomics' include building its extractor (at most {build:.2f} s).")
+    print(f"Seconds: best of repeats; pyradiomics times include building its extractor (<= {build:.2f} s).")
     print("Peak MiB: RSS peak during the extraction above the RSS after loading (absolute in brackets).")
     if not all(row.peak_reset for row in rows):
         print("  (the peak-RSS counter could not be reset here: peaks include loading and warm-up)")

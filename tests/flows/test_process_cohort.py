@@ -147,3 +147,46 @@ def test_perturbation_stability_gives_per_feature_icc(
         noisy["original_firstorder_Variance"] > base.loc[noisy.index, "original_firstorder_Variance"]
     ).all()
     assert icc.loc["original_firstorder_Variance", "icc"] < 1.0
+
+
+def test_analysis_flow_writes_harmonised_table_model_report_and_artifacts(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    from cohort.analysis.combat import CombatModel
+    from cohort.analysis.pipeline import AnalysisSpec
+    from cohort.synth import write_demo_archive
+    from flows.analyse_cohort import ARTIFACT_KEY, run_analysis_flow
+
+    archive = write_demo_archive(tmp_path / "archive", 8, seed=11, matrix=128)  # 2 patients per scanner
+    store = tmp_path / "store"
+    run_cohort(_spec(archive.root, store, kind="threads", n_workers=2))
+    spec = AnalysisSpec(
+        store=store,
+        clinical=archive.clinical_csv,
+        time="survival_days",
+        event="event",
+        batch="manufacturer",
+        combat={"method": "none", "mean_only": True},
+    )
+    head = run_analysis_flow(spec)
+    out = store / "analysis" / "analysis"
+    harmonised = pd.read_parquet(out / "harmonised.parquet")
+    assert len(harmonised) == 8 and head["patients"] == 8
+    # mean-only ComBat: every scanner's mean of a feature ends on the same value.
+    means = harmonised.groupby("manufacturer")["original_firstorder_Mean"].mean()
+    assert means.max() - means.min() < 1e-6
+    model = CombatModel.load(out / "combat-model.json")
+    assert sorted(model.batch_levels) == sorted(harmonised["manufacturer"].unique())
+    assert (out / "report.html").read_text().count("<svg") >= 2
+
+    async def artifacts() -> list[str]:
+        async with get_client() as client:
+            found = await client.read_latest_artifacts()
+            return [a.key for a in found if a.key]
+
+    import asyncio
+
+    keys = asyncio.run(artifacts())
+    assert ARTIFACT_KEY in keys and f"{ARTIFACT_KEY}-cox" in keys

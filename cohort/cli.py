@@ -33,6 +33,77 @@ executor:
 """
 
 
+DEMO_ANALYSIS = """\
+# Analysis spec written by `cohort demo`. Run with: cohort analyse {spec}
+name: demo
+store: store
+clinical: archive/clinical.csv
+clinical_key: PatientID
+roi: GTV
+time: survival_days
+event: event
+time_unit: days
+report_unit: months
+features: '^original_'
+batch: manufacturer      # ComBat across scanners; null to skip
+combat:
+  method: parametric     # parametric | nonparametric | none (no empirical Bayes)
+  mean_only: false
+km_feature: original_shape_VoxelVolume
+top_k: 10
+"""
+
+
+def load_analysis_spec(path: str | Path) -> Any:
+    """Read an analysis spec YAML; relative paths are relative to the file."""
+    import yaml
+    from pydantic import ValidationError
+
+    from cohort.analysis.pipeline import AnalysisSpec
+    from cohort.errors import SpecError
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"cannot read the analysis spec: {exc}", subject=str(path)) from exc
+    for key in ("store", "clinical"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
+    try:
+        return AnalysisSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise SpecError(f"invalid analysis spec: {problems}", subject=str(path)) from exc
+
+
+def _print_analysis(head: dict[str, Any], console: Any) -> None:
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
+    console.print(
+        f"{head['patients']} patients, {head['features']} features; log-rank p = {head['logrank_p']:.3g} "
+        f"({head['km_feature']} above vs at-or-below {head['km_cutoff']:.6g}); C-index {head['c_index']:.3f}",
+        **plain,
+    )
+    console.print(
+        f"strongest univariate Cox: {head['top_cox_feature']} (HR per SD {head['top_cox_hr_per_sd']:.3g},"
+        f" p = {head['top_cox_p']:.3g})",
+        **plain,
+    )
+    console.print(f"report: {head['report']}", **plain)
+
+
+def cmd_analyse(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from flows.analyse_cohort import run_analysis_flow
+
+    _quiet_runtime(args.verbose)
+    spec = load_analysis_spec(args.spec)
+    console = Console()
+    _print_analysis(run_analysis_flow(spec), console)
+    return 0
+
+
 def _quiet_runtime(verbose: bool) -> None:
     """Defaults for the run's environment, set before Prefect/Dask are imported."""
     os.environ.setdefault("PREFECT_HOME", str(Path.home() / ".cache" / "cohort" / "prefect"))
@@ -142,6 +213,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = _run_with_progress(spec, console)
     _print_summary(summary, console)
     console.print(f"Clinical table of the demo patients: {archive / 'clinical.csv'}")
+    analysis_path = workdir / "analysis.yaml"
+    if not analysis_path.exists() or args.regenerate:
+        analysis_path.write_text(DEMO_ANALYSIS.format(spec=analysis_path))
+    if not args.no_analysis:
+        from flows.analyse_cohort import run_analysis_flow
+
+        console.print("analysing the cohort: ComBat across scanners, survival, exploration")
+        _print_analysis(run_analysis_flow(load_analysis_spec(analysis_path)), console)
     return 0
 
 
@@ -214,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=int, default=2, help="Dask worker processes")
     demo.add_argument("--regenerate", action="store_true", help="rewrite the archive and spec")
+    demo.add_argument("--no-analysis", action="store_true", help="skip the analysis flow")
     demo.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
     demo.set_defaults(func=cmd_demo)
 
@@ -225,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="LocalCluster worker processes")
     run.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
     run.set_defaults(func=cmd_run)
+
+    analyse = sub.add_parser("analyse", help="run the analysis flow (ComBat, survival, report) for a spec")
+    analyse.add_argument("spec", help="analysis spec YAML")
+    analyse.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs")
+    analyse.set_defaults(func=cmd_analyse)
 
     index = sub.add_parser("index", help="index the DICOM headers of a folder to Parquet")
     index.add_argument("path")

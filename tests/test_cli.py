@@ -51,3 +51,17 @@ def test_presets_command_lists_every_shipped_preset(capsys: pytest.CaptureFixtur
         "mr-zscore-filters",
         "pet-suv",
     ]
+
+
+def test_analysis_spec_paths_are_relative_to_the_file_and_errors_name_the_key(tmp_path: Path) -> None:
+    from cohort.cli import load_analysis_spec
+    from cohort.errors import SpecError
+
+    spec = tmp_path / "analysis.yaml"
+    spec.write_text("store: store\nclinical: data/clinical.csv\ntime: t\nevent: e\n")
+    loaded = load_analysis_spec(spec)
+    assert loaded.store == tmp_path / "store" and loaded.clinical == tmp_path / "data" / "clinical.csv"
+    assert loaded.batch == "manufacturer" and loaded.combat.method == "parametric"
+    spec.write_text("store: s\nclinical: c\ntime: t\nevent: e\ncombat:\n  method: bayes\n")
+    with pytest.raises(SpecError, match=r"combat\.method"):
+        load_analysis_spec(spec)

@@ -20,6 +20,7 @@ from cohort.analysis.combat import CombatModel, fit_combat
 from cohort.analysis.explore import summary_statistics, volume_surrogates
 from cohort.analysis.survival import (
     LogRankResult,
+    SurvivalError,
     censor_at,
     convert_time,
     harrell_c,
@@ -162,7 +163,9 @@ def run_analysis(features: pd.DataFrame, clinical: pd.DataFrame, spec: AnalysisS
     groups = np.where(km_values > rank.cutoff, "high", "low")
     km = kaplan_meier(time, event, groups)
     c_index = harrell_c(time, event, km_values)
-    cox = univariate_cox(time, event, matrix, standardise=True).sort_values("p_value").reset_index(drop=True)
+    cox, unfitted = _univariate_cox_per_feature(time, event, matrix)
+    if unfitted:
+        notes.append(f"{len(unfitted)} feature(s) without a Cox fit: " + "; ".join(unfitted[:5]))
     return AnalysisResult(
         spec=spec,
         table=table,
@@ -181,6 +184,22 @@ def run_analysis(features: pd.DataFrame, clinical: pd.DataFrame, spec: AnalysisS
         else pd.DataFrame(),
         notes=notes,
     )
+
+
+def _univariate_cox_per_feature(
+    time: np.ndarray, event: np.ndarray, matrix: pd.DataFrame
+) -> tuple[pd.DataFrame, list[str]]:
+    """Standardised univariate Cox per feature; a feature whose model fails is reported, not fatal."""
+    tables, unfitted = [], []
+    for name in matrix.columns:
+        try:
+            tables.append(univariate_cox(time, event, matrix[[name]], standardise=True))
+        except SurvivalError as exc:
+            unfitted.append(f"{name}: {exc.reason}")
+    if not tables:
+        raise AnalysisError("no feature could be fitted by a Cox model: " + "; ".join(unfitted[:3]))
+    cox = pd.concat(tables, ignore_index=True).sort_values("p_value").reset_index(drop=True)
+    return cox, unfitted
 
 
 def describe(result: AnalysisResult) -> dict[str, Any]:

@@ -75,3 +75,15 @@ def test_join_clinical_and_clear_errors(store_root: Path, tmp_path: Path) -> Non
         cohort.store.open(tmp_path / "missing")
     result = store.compact()
     assert (result.parts_before, result.parts_after, result.rows) == (2, 1, 10)
+
+
+def test_duckdb_and_polars_read_the_same_rows(store_root: Path) -> None:
+    import duckdb
+    import polars as pl
+
+    path = cohort.store.open(store_root).tables().loc[0, "path"]
+    query = "SELECT count(*), sum(original_shape_VoxelVolume) FROM read_parquet('{}/*.parquet') WHERE roi = ?"
+    via_duckdb = duckdb.execute(query.format(path), ["GTV"]).fetchall()
+    assert via_duckdb == [(5, 5010.0)]
+    via_polars = pl.read_parquet(f"{path}/*.parquet").filter(pl.col("roi") == "Lung")
+    assert via_polars.height == 5 and via_polars["original_shape_VoxelVolume"].sum() == 5010.0

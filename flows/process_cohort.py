@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
@@ -140,6 +141,40 @@ def stability_icc(layout: StoreLayout, feature_set: str, form: IccForm) -> pa.Ta
     )
 
 
+RUN_ARTIFACT_KEY = "cohort-run"
+FAILURES_ARTIFACT_KEY = "cohort-failures"
+#: Failure rows shown in the run's table artifact (all of them stay in the store).
+MAX_FAILURE_ROWS_SHOWN = 500
+
+
+def _attach_artifacts(summary: RunSummary, layout: StoreLayout) -> None:
+    """Counts and failures of the run, visible on the run's page in the Prefect UI."""
+    counts = {
+        "cases selected": summary.cases_selected,
+        "cases processed": summary.cases_processed,
+        "cases failed": summary.cases_failed,
+        "cases already in store": summary.cases_skipped,
+        "feature rows written": summary.rows_written,
+        "failure rows": summary.failures,
+        "files quarantined": summary.files_quarantined,
+        "feature table": summary.feature_table,
+    }
+    rows = "\n".join(f"| {key} | {value} |" for key, value in counts.items())
+    create_markdown_artifact(
+        key=RUN_ARTIFACT_KEY,
+        description="what this cohort run did",
+        markdown=f"# Cohort run {summary.run_id}\n\n| | |\n|---|---|\n{rows}\n",
+    )
+    failures = read_table(layout.failures(summary.run_id))
+    if failures is not None and failures.num_rows:
+        shown = failures.slice(0, MAX_FAILURE_ROWS_SHOWN).drop_columns(["failed_at"]).to_pylist()
+        create_table_artifact(
+            key=FAILURES_ARTIFACT_KEY,
+            table=shown,
+            description=f"{failures.num_rows} failure(s): stage, reason, input",
+        )
+
+
 def _current_run_id() -> str:
     from prefect.runtime import flow_run
 
@@ -257,6 +292,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         seconds=seconds,
     )
     summary.write(layout.run_dir(run_id))
+    _attach_artifacts(summary, layout)
     logger.info(
         "run %s: %d row(s) written, %d failure(s); table %s", run_id, rows, failures, summary.feature_table
     )

@@ -18,6 +18,22 @@ pytestmark = pytest.mark.slow
 RUN_COLUMNS = ["run_id", "processed_at"]
 
 
+def _latest_artifacts() -> dict[str, Any]:
+    """The latest artifact of each key, read back through the Prefect API."""
+    import asyncio
+    import json
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> dict[str, Any]:
+        async with get_client() as client:
+            found = await client.read_latest_artifacts()
+            return {a.key: a.data for a in found if a.key}
+
+    data = asyncio.run(read())
+    return {k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in data.items()}
+
+
 def _spec(archive: Path, store: Path, **executor: object):  # type: ignore[no-untyped-def]
     return build_spec({"archive": str(archive), "store": str(store), "executor": executor}, environ={})
 
@@ -78,6 +94,9 @@ def test_failed_case_is_recorded_rest_completes_and_rerun_adds_no_duplicates(
     assert list(failures["patient_id"]) == ["DEMO-003"]
     assert failures.loc[0, "stage"] == "curate" and "cannot decode pixel data" in failures.loc[0, "reason"]
     assert len(pd.read_parquet(first.feature_table)) == 3
+    shown = _latest_artifacts()
+    assert shown["cohort-failures"][0]["patient_id"] == "DEMO-003" and len(shown["cohort-failures"]) == 1
+    assert "| cases failed | 1 |" in shown["cohort-run"]
 
     # Unchanged archive: the done cases are skipped, the failed one is tried (and fails) again.
     second = run_cohort(spec)

@@ -345,14 +345,7 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
                 if voxels == 0:
                     raise RadiomicsError(f"{canonical} is empty ({target_notes})", subject=subject)
                 with clock.time("radiomics"):
-                    features = extract_features(
-                        image,
-                        mask,
-                        settings.radiomics_params,
-                        subject=subject,
-                        crop=settings.crop,
-                        max_case_mb=settings.max_case_mb,
-                    )
+                    features = _extract(settings, image, mask, subject)
             except Exception as exc:
                 fail(exc, source)
                 continue
@@ -370,6 +363,17 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
             if settings.stability is not None:
                 perturbed += _perturbed_rows(item, settings, image, mask, canonical, source, clock, fail)
     return ItemResult(rows, failures, perturbed)
+
+
+def _extract(settings: ShardSettings, image: Any, mask: Any, subject: str) -> dict[str, float]:
+    return extract_features(
+        image,
+        mask,
+        settings.radiomics_params,
+        subject=subject,
+        crop=settings.crop,
+        max_case_mb=settings.max_case_mb,
+    )
 
 
 def _perturbed_rows(
@@ -393,14 +397,7 @@ def _perturbed_rows(
         subject = f"{item.series_uid} / {source} / perturbation {name}"
         try:
             with clock.time("stability"):
-                features = extract_features(
-                    p_image,
-                    p_mask,
-                    settings.radiomics_params,
-                    subject=subject,
-                    crop=settings.crop,
-                    max_case_mb=settings.max_case_mb,
-                )
+                features = _extract(settings, p_image, p_mask, subject)
         except Exception as exc:
             fail(exc, f"{source}@{name}")
             continue

@@ -39,9 +39,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from cohort.errors import StoreError
+from cohort.store.parquet import write_table_atomic
 
 #: Temporary files older than this (seconds) are leftovers of crashed writers.
 STALE_TMP_SECONDS = 3600.0
@@ -152,7 +152,7 @@ class TableDir:
                 return AppendResult(0, table.num_rows, None)
             new_keys = [k for k, kept in zip(keys, keep, strict=True) if kept]
             path = folder / _part_name(new_keys)
-            _write_atomic(new, path)
+            write_table_atomic(new, path)
         return AppendResult(new.num_rows, table.num_rows - new.num_rows, path)
 
     def compact(self, key_columns: Sequence[str], order_by: str | None = "processed_at") -> CompactResult:
@@ -169,7 +169,7 @@ class TableDir:
             number = int(old.name.removeprefix("v")) + 1
             new = self.versions / f"v{number:06d}"
             new.mkdir(parents=True, exist_ok=False)
-            _write_atomic(table, new / _part_name(_key_strings(table, key_columns)))
+            write_table_atomic(table, new / _part_name(_key_strings(table, key_columns)))
             self._point_to(new)
             # Keep the version just replaced for readers in flight; drop older ones.
             for version in self.versions.iterdir():
@@ -191,16 +191,6 @@ def _deduplicate(table: pa.Table, key_columns: Sequence[str], order_by: str | No
     deduped = table.filter(pa.array(keep))
     sort_keys = [(c, "ascending") for c in key_columns]
     return deduped.take(pc.sort_indices(deduped, sort_keys=sort_keys))
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path}: {exc}", subject=str(path)) from exc
 
 
 def _remove_stale_tmp(folder: Path, older_than: float = STALE_TMP_SECONDS) -> int:

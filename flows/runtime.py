@@ -9,14 +9,16 @@ free loopback port for the duration of the run, and every process uses it.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,23 @@ def _healthy(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGTERM the server when its parent dies.
+
+    Without it, a CLI killed with SIGKILL leaves the server running. Everything the
+    hook needs is resolved here, in the parent, so the forked child runs no import.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return hook
 
 
 @contextmanager
@@ -77,6 +96,7 @@ def local_prefect_server(home: Path | None = None) -> Iterator[str]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_parent_death_signal(),
     )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT

@@ -43,7 +43,7 @@ from cohort.spec import CohortSpec, build_spec, settings_hash
 from cohort.store.layout import StoreLayout
 from cohort.store.parquet import existing_keys, read_table, write_part, write_table_atomic
 from cohort.store.results import write_shard_result
-from cohort.store.table import TableDir
+from cohort.store.table import COMPACT_AFTER_PARTS, TableDir
 from flows.progress import report
 from flows.runtime import prefect_api, task_runner_for
 
@@ -175,6 +175,15 @@ def _attach_artifacts(summary: RunSummary, layout: StoreLayout) -> None:
         )
 
 
+def compact_if_fragmented(table: TableDir, key_columns: Sequence[str], logger: Any) -> None:
+    """Compact a table holding many small parts (reads then parse one footer instead of hundreds)."""
+    if table.exists() and len(table.parts()) > COMPACT_AFTER_PARTS:
+        result = table.compact(key_columns)
+        logger.info(
+            "compacted %s: %d parts -> 1 (%d rows)", table.path.name, result.parts_before, result.rows
+        )
+
+
 def _current_run_id() -> str:
     from prefect.runtime import flow_run
 
@@ -262,6 +271,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         cases_done += len(shard)
         report("process", cases_done, len(todo))
     seconds["process"] = time.perf_counter() - t0
+    compact_if_fragmented(TableDir(layout.features(feature_set)), KEY_COLUMNS, logger)
     if settings.stability is not None:
         icc_table = stability_icc(layout, feature_set, cohort_spec.radiomics.stability.icc)
         if icc_table is not None:

@@ -58,6 +58,11 @@ def plot_forest(cox: pd.DataFrame, *, top_k: int) -> Figure:
     )
     axes.axvline(1.0, color="grey", linestyle="--")
     axes.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(0.25, 0.5, 1.0, 2.0, 4.0)))
+    axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes.xaxis.set_minor_formatter(FormatStrFormatter(""))
     axes.set_yticks(y, [str(c) for c in rows["covariate"]], fontsize=7)
     axes.set_xlabel("hazard ratio per SD (95 % CI)")
     axes.set_title("univariate Cox, standardised features")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pydicom
@@ -136,6 +136,7 @@ class ShardSettings:
     run_id: str
     crop: bool = True
     max_case_mb: float | None = None
+    interpolation: Literal["pyradiomics", "ibsi"] = "pyradiomics"
     subvolumes: tuple[SubvolumeRule, ...] = ()
     stability: StabilitySettings | None = None
 
@@ -373,6 +374,7 @@ def _extract(settings: ShardSettings, image: Any, mask: Any, subject: str) -> di
         subject=subject,
         crop=settings.crop,
         max_case_mb=settings.max_case_mb,
+        interpolation=settings.interpolation,
     )
 
 

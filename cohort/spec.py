@@ -105,6 +105,12 @@ class RadiomicsSpec(_Model):
     params_file: Path | None = Field(None, description="A pyradiomics parameter file (YAML/JSON).")
     params: dict[str, Any] | None = Field(None, description="Inline pyradiomics parameters.")
     crop: bool = Field(True, description="Crop to the ROI with a safe margin before extraction.")
+    interpolation: Literal["pyradiomics", "ibsi"] = Field(
+        "pyradiomics",
+        description="Who resamples to resampledPixelSpacing: pyradiomics (corner-anchored grid, "
+        "nearest-neighbour mask) or the platform, as the IBSI manual prescribes (centred grid, "
+        "linear mask >= 0.5, rounded intensities).",
+    )
     max_case_mb: float | None = Field(
         8192, gt=0, description="Refuse an ROI whose estimated extraction memory exceeds this (MiB)."
     )
@@ -173,7 +179,10 @@ class CohortSpec(_Model):
 
     def feature_settings(self) -> dict[str, Any]:
         """Everything that changes a feature value: hashed into the feature-set name."""
-        return {"pyradiomics": self.radiomics_params(), "crop": self.radiomics.crop}
+        settings: dict[str, Any] = {"pyradiomics": self.radiomics_params(), "crop": self.radiomics.crop}
+        if self.radiomics.interpolation != "pyradiomics":  # keeps existing feature-set names
+            settings["interpolation"] = self.radiomics.interpolation
+        return settings
 
 
 def load_preset(name: str) -> dict[str, Any]:

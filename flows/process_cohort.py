@@ -122,6 +122,7 @@ def shard_settings(
         max_case_mb=radiomics.max_case_mb,
         subvolumes=rules,
         stability=stability,
+        interpolation=radiomics.interpolation,
     )
 
 

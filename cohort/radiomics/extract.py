@@ -13,13 +13,14 @@ import functools
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
 
 from cohort.errors import RadiomicsError, SpecError
 from cohort.radiomics.crop import crop_for_extraction, estimate_case_bytes
+from cohort.radiomics.resample import resample_ibsi
 
 #: Settings the platform imposes on every extractor; they change no feature value.
 FORCED_SETTINGS: dict[str, Any] = {"additionalInfo": False}
@@ -72,6 +73,20 @@ def feature_set_name(settings_hash: str) -> str:
     return f"radiomics-{settings_hash[:12]}"
 
 
+def _resample_the_ibsi_way(
+    image: sitk.Image, mask: sitk.Image, params: Mapping[str, Any]
+) -> tuple[sitk.Image, sitk.Image, dict[str, Any]]:
+    """IBSI interpolation by the platform; pyradiomics' own resampling switched off."""
+    settings = dict(params.get("setting") or {})
+    spacing = settings.pop("resampledPixelSpacing", None)
+    settings.pop("interpolator", None)
+    out = {**params, "setting": settings}
+    if spacing is None:
+        return image, mask, out
+    image, mask = resample_ibsi(image, mask, spacing)
+    return image, mask, out
+
+
 def extract_features(
     image: sitk.Image,
     mask: sitk.Image,
@@ -80,6 +95,7 @@ def extract_features(
     subject: str = "",
     crop: bool = True,
     max_case_mb: float | None = None,
+    interpolation: Literal["pyradiomics", "ibsi"] = "pyradiomics",
 ) -> dict[str, float]:
     """Features of the voxels labelled ``setting.label`` (default 1) in ``mask``.
 
@@ -91,6 +107,8 @@ def extract_features(
     is empty, the cap is exceeded or pyradiomics fails (ROI too small, empty
     after resampling, ...).
     """
+    if interpolation == "ibsi":
+        image, mask, params = _resample_the_ibsi_way(image, mask, params)
     run_params: Mapping[str, Any] = params
     if crop or max_case_mb is not None:
         try:

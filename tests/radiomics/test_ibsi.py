@@ -30,6 +30,7 @@ from cohort.curate.rtstruct import RoiMask, rasterise_rtstruct, read_roi_infos
 from cohort.curate.series import read_series
 from cohort.radiomics import ibsi
 from cohort.radiomics.extract import extract_features
+from cohort.radiomics.resample import resample_ibsi
 
 #: Fewest compared (computed and mapped) reference values per configuration; the
 #: mapping yields 268, 150 and 150 today, so a lost mapping or an empty run fails.
@@ -184,37 +185,6 @@ def test_ct_phantom_configuration_matches_ibsi(name: str, ct_phantom: CtPhantom,
     _check(config, ct_phantom.image, ct_phantom.roi.mask, ibsi_dir)
 
 
-def _ibsi_interpolate(
-    image: sitk.Image, mask: sitk.Image, spacing: tuple[float, float, float]
-) -> tuple[sitk.Image, sitk.Image]:
-    """Interpolation as the IBSI manual prescribes it (not as pyradiomics does it).
-
-    The new grid covers the image, ``ceil(n * old / new)`` voxels per axis (a spacing of
-    0 keeps the axis), with its centre on the centre of the old grid. Intensities are
-    interpolated linearly and rounded to integers, the mask is interpolated linearly
-    and kept where it is at least 0.5.
-    """
-    old_spacing = np.asarray(image.GetSpacing())
-    new_spacing = np.where(np.asarray(spacing) == 0, old_spacing, spacing)
-    old_size = np.asarray(image.GetSize())
-    new_size = np.ceil(old_size * old_spacing / new_spacing - 1e-9).astype(int)
-    first = (old_size - 1) / 2 - (new_size - 1) / 2 * new_spacing / old_spacing  # continuous index
-    resample = sitk.ResampleImageFilter()
-    resample.SetOutputSpacing([float(v) for v in new_spacing])
-    resample.SetSize([int(v) for v in new_size])
-    resample.SetOutputOrigin(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in first]))
-    resample.SetOutputDirection(image.GetDirection())
-    resample.SetInterpolator(sitk.sitkLinear)
-    resample.SetOutputPixelType(sitk.sitkFloat64)
-    grid = resample.Execute(sitk.Cast(image, sitk.sitkFloat64))
-    new_image = sitk.GetImageFromArray(np.round(sitk.GetArrayViewFromImage(grid)).astype(np.int16))
-    new_image.CopyInformation(grid)
-    fraction = resample.Execute(sitk.Cast(mask, sitk.sitkFloat64))
-    new_mask = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(fraction) >= 0.5).astype(np.uint8))
-    new_mask.CopyInformation(grid)
-    return new_image, new_mask
-
-
 @pytest.mark.slow
 def test_ct_phantom_configuration_b_deviation_is_only_the_interpolation(
     ct_phantom: CtPhantom, ibsi_dir: Path
@@ -226,7 +196,7 @@ def test_ct_phantom_configuration_b_deviation_is_only_the_interpolation(
     settings = {k: v for k, v in base.settings.items() if k not in ("resampledPixelSpacing", "interpolator")}
     config = dataclasses.replace(base, name="B, IBSI interpolation", settings=settings)
     assert not any(d.applies(config.name, "cm_joint_max_2_5D_avg") for d in ibsi.KNOWN_DEVIATIONS)
-    image, mask = _ibsi_interpolate(ct_phantom.image, ct_phantom.roi.mask, (2.0, 2.0, 0.0))
+    image, mask = resample_ibsi(ct_phantom.image, ct_phantom.roi.mask, (2.0, 2.0, 0.0))
     reference = _reference(ibsi_dir, base)
     for axis, size in zip("xyz", image.GetSize(), strict=True):
         _assert_reference(reference, f"img_dim_{axis}_interp_img", size)
@@ -237,3 +207,22 @@ def test_ct_phantom_configuration_b_deviation_is_only_the_interpolation(
     _assert_reference(reference, "int_mask_vox_count_reseg_roi", kept.size)
     _assert_reference(reference, "int_mask_max_int_reseg_roi", float(kept.max()))
     _check(config, image, mask, ibsi_dir)
+
+
+@pytest.mark.slow
+def test_configuration_b_passes_through_the_platform_with_ibsi_interpolation(
+    ct_phantom: CtPhantom, ibsi_dir: Path
+) -> None:
+    """``radiomics.interpolation: ibsi``: the platform resamples, pyradiomics extracts, and
+    every mapped value of configuration B is within the IBSI tolerance, no deviation needed."""
+    config = dataclasses.replace(ibsi.CONFIGURATIONS["B"], name="B, IBSI interpolation")
+    features = {
+        run.label: extract_features(
+            ct_phantom.image, ct_phantom.roi.mask, ibsi.pyradiomics_params(config, run), interpolation="ibsi"
+        )
+        for run in config.runs
+    }
+    table = ibsi.comparison_table(config, features, _reference(ibsi_dir, ibsi.CONFIGURATIONS["B"]))
+    _print_table(config, table, 0.0)
+    assert ibsi.summary(table)["compared"] >= MIN_COMPARED[config.name]
+    assert table[table["status"] == "fail"].empty

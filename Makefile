@@ -32,6 +32,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_foundation.py --repeat 3
+	$(PY) benchmarks/bench_radiomics.py --repeat 1
+	$(PY) benchmarks/bench_store.py --repeat 1
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

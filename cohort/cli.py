@@ -230,24 +230,17 @@ def cmd_index(args: argparse.Namespace) -> int:
     from rich.progress import track
 
     from cohort.index import index_files, list_archive
-    from cohort.index.crawl import iter_chunks
-    from cohort.index.schema import INSTANCE_SCHEMA, QUARANTINE_SCHEMA
+    from cohort.index.crawl import concat_index, iter_chunks
 
     console = Console()
     files = list_archive(args.path)
-    import pyarrow as pa
-
-    parts, quarantined = (
-        [pa.Table.from_pylist([], schema=INSTANCE_SCHEMA)],
-        [pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA)],
-    )
+    parts, quarantined = [], []
     chunks = list(iter_chunks(files, 200))
     for chunk in track(chunks, description="indexing", console=console):
-        instances, bad = index_files(chunk)
-        parts.append(instances)
-        quarantined.append(bad)
-    instances = pa.concat_tables(parts)
-    bad = pa.concat_tables(quarantined)
+        chunk_instances, chunk_bad = index_files(chunk)
+        parts.append(chunk_instances)
+        quarantined.append(chunk_bad)
+    instances, bad = concat_index(parts, quarantined)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(instances, out / "instances.parquet")

@@ -9,6 +9,7 @@ one ROI becomes a failure row; it never stops the shard.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import time
@@ -161,6 +162,7 @@ class ShardResult:
     n_items: int = 0
 
 
+@functools.cache
 def library_versions() -> dict[str, str]:
     return {
         "cohort_version": cohort.__version__,
@@ -486,9 +488,3 @@ def process_shard(items: Sequence[WorkItem], settings: ShardSettings) -> ShardRe
         seconds=dict(clock.seconds),
         n_items=len(items),
     )
-
-
-def row_keys(table: pa.Table) -> list[str]:
-    """String keys ``series|rtstruct|roi`` of the rows of a features table."""
-    cols = [table.column(c).to_pylist() for c in KEY_COLUMNS]
-    return ["|".join(parts) for parts in zip(*cols, strict=True)]

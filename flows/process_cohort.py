@@ -24,8 +24,7 @@ from prefect.futures import as_completed
 from cohort.analysis.stability import IccForm, feature_icc
 from cohort.curate.select import WorkItem, plan_work
 from cohort.errors import Stage
-from cohort.index.crawl import index_files, iter_chunks, list_archive
-from cohort.index.schema import INSTANCE_SCHEMA, QUARANTINE_SCHEMA
+from cohort.index.crawl import concat_index, index_files, iter_chunks, list_archive
 from cohort.radiomics.extract import feature_set_name
 from cohort.run import RunSummary, add_seconds, remaining_work
 from cohort.shard import (
@@ -41,7 +40,7 @@ from cohort.shard import (
 )
 from cohort.spec import CohortSpec, build_spec, settings_hash
 from cohort.store.layout import StoreLayout
-from cohort.store.parquet import existing_keys, read_table, write_part, write_table_atomic
+from cohort.store.parquet import read_table, write_part, write_table_atomic
 from cohort.store.results import write_shard_result
 from cohort.store.table import COMPACT_AFTER_PARTS, TableDir
 from flows.progress import report
@@ -213,11 +212,9 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         quarantine_parts.append(quarantine_part)
         done_files += instances_part.num_rows + quarantine_part.num_rows
         report("index", done_files, len(files))
-    instances = pa.concat_tables([pa.Table.from_pylist([], schema=INSTANCE_SCHEMA), *instance_parts])
-    instances = instances.sort_by("path")
-    quarantine = pa.concat_tables([pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA), *quarantine_parts])
+    instances, quarantine = concat_index(instance_parts, quarantine_parts)
     write_table_atomic(instances, layout.instances)
-    write_table_atomic(quarantine.sort_by("path"), layout.quarantine)
+    write_table_atomic(quarantine, layout.quarantine)
     seconds["index"] = time.perf_counter() - t0
     logger.info(
         "indexed %d files: %d DICOM instances, %d quarantined",
@@ -233,7 +230,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     digest = settings_hash(cohort_spec.feature_settings())
     feature_set = feature_set_name(digest)
     settings = shard_settings(cohort_spec, params, digest, feature_set, run_id)
-    done = existing_keys(layout.features(feature_set), KEY_COLUMNS)  # a versioned table reads like a folder
+    done = TableDir(layout.features(feature_set)).keys(KEY_COLUMNS)
     todo, rows_skipped = remaining_work(
         items, done, lambda source, canonical: roi_keys(source, canonical, settings.subvolumes)
     )

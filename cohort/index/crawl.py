@@ -146,6 +146,7 @@ def read_index_row(path: str) -> dict[str, Any]:
         ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
         stat = os.stat(path)
         meta = ds.file_meta
+        spacing_row, spacing_col = _pixel_spacing(ds)
         row: dict[str, Any] = {
             "path": path,
             "size": stat.st_size,
@@ -170,8 +171,8 @@ def read_index_row(path: str) -> dict[str, Any]:
             "tube_current": _number(ds, "XRayTubeCurrent"),
             "contrast_agent": _text(ds, "ContrastBolusAgent"),
             "slice_thickness": _number(ds, "SliceThickness"),
-            "pixel_spacing_row": _pixel_spacing(ds)[0],
-            "pixel_spacing_col": _pixel_spacing(ds)[1],
+            "pixel_spacing_row": spacing_row,
+            "pixel_spacing_col": spacing_col,
             "rows": _integer(ds, "Rows"),
             "columns": _integer(ds, "Columns"),
             "instance_number": _integer(ds, "InstanceNumber"),
@@ -206,6 +207,18 @@ def index_files(paths: Sequence[str] | Iterable[str]) -> tuple[pa.Table, pa.Tabl
         pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA),
         pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA),
     )
+
+
+def concat_index(
+    instance_parts: Iterable[pa.Table], quarantine_parts: Iterable[pa.Table]
+) -> tuple[pa.Table, pa.Table]:
+    """Join chunk results into the (instances, quarantine) tables, sorted by path.
+
+    No chunk at all still gives two empty tables with the fixed schemas.
+    """
+    instances = pa.concat_tables([pa.Table.from_pylist([], schema=INSTANCE_SCHEMA), *instance_parts])
+    quarantine = pa.concat_tables([pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA), *quarantine_parts])
+    return instances.sort_by("path"), quarantine.sort_by("path")
 
 
 def iter_chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:

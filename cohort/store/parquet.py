@@ -56,12 +56,3 @@ def read_table(folder: Path, columns: Sequence[str] | None = None) -> pa.Table |
     if not dataset.files:
         return None
     return dataset.to_table(columns=list(columns) if columns else None)
-
-
-def existing_keys(folder: Path, key_columns: Sequence[str]) -> set[tuple[str, ...]]:
-    """Key tuples already present in a table (empty when the table does not exist)."""
-    table = read_table(folder, columns=key_columns)
-    if table is None:
-        return set()
-    cols = [table.column(c).to_pylist() for c in key_columns]
-    return set(zip(*cols, strict=True))

@@ -27,7 +27,6 @@ no rename or lock; there :func:`cohort.store.open` deduplicates on read.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import time
@@ -43,7 +42,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from cohort.errors import StoreError
-from cohort.store.parquet import write_table_atomic
+from cohort.store.parquet import part_name, write_table_atomic
 
 #: A run compacts a table it appended to once it holds more parts than this.
 COMPACT_AFTER_PARTS = 16
@@ -67,14 +66,13 @@ class CompactResult:
     stale_files_removed: int
 
 
-def _key_strings(table: pa.Table, key_columns: Sequence[str]) -> list[str]:
+def _key_tuples(table: pa.Table, key_columns: Sequence[str]) -> list[tuple[str, ...]]:
     columns = [table.column(c).cast(pa.string()).fill_null("").to_pylist() for c in key_columns]
-    return ["\x1f".join(parts) for parts in zip(*columns, strict=True)]
+    return list(zip(*columns, strict=True))
 
 
-def _part_name(keys: Sequence[str]) -> str:
-    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
-    return f"part-{digest[:20]}.parquet"
+def _key_strings(table: pa.Table, key_columns: Sequence[str]) -> list[str]:
+    return ["\x1f".join(key) for key in _key_tuples(table, key_columns)]
 
 
 class TableDir:
@@ -135,18 +133,18 @@ class TableDir:
             return None
         return dataset.to_table(columns=list(columns) if columns else None)
 
-    def keys(self, key_columns: Sequence[str]) -> set[str]:
+    def keys(self, key_columns: Sequence[str]) -> set[tuple[str, ...]]:
         """Keys present, from each part's narrow key file (``v<N>.keys/``) where it has one.
 
         Reading the key columns of a wide part parses its whole footer (~6 ms for
         1,200 features); the key files keep an append's look-up cheap. A part
         without a key file (a writer died between the two writes) is read directly.
         """
-        present: set[str] = set()
+        present: set[tuple[str, ...]] = set()
         for part in self.parts():
             side = _keys_folder(part.parent) / part.name
             source = side if side.exists() else part
-            present.update(_key_strings(pq.read_table(source, columns=list(key_columns)), key_columns))
+            present.update(_key_tuples(pq.read_table(source, columns=list(key_columns)), key_columns))
         return present
 
     # -- writing ----------------------------------------------------------------
@@ -154,7 +152,7 @@ class TableDir:
         """Add the rows of ``table`` whose key is not in the table yet."""
         if table.num_rows == 0:
             return AppendResult(0, 0, None)
-        keys = _key_strings(table, key_columns)
+        keys = _key_tuples(table, key_columns)
         if len(set(keys)) != len(keys):
             raise StoreError("rows to append repeat a key", subject=str(self.path))
         with self.lock():
@@ -164,8 +162,8 @@ class TableDir:
             new = table.filter(pa.array(keep))
             if new.num_rows == 0:
                 return AppendResult(0, table.num_rows, None)
-            new_keys = [k for k, kept in zip(keys, keep, strict=True) if kept]
-            path = folder / _part_name(new_keys)
+            new_keys = ["\x1f".join(k) for k, kept in zip(keys, keep, strict=True) if kept]
+            path = folder / part_name(new_keys)
             write_table_atomic(new, path)
             write_table_atomic(new.select(list(key_columns)), _keys_folder(folder) / path.name)
         return AppendResult(new.num_rows, table.num_rows - new.num_rows, path)
@@ -184,7 +182,7 @@ class TableDir:
             number = int(old.name.removeprefix("v")) + 1
             new = self.versions / f"v{number:06d}"
             new.mkdir(parents=True, exist_ok=False)
-            name = _part_name(_key_strings(table, key_columns))
+            name = part_name(_key_strings(table, key_columns))
             write_table_atomic(table, new / name)
             write_table_atomic(table.select(list(key_columns)), _keys_folder(new) / name)
             self._point_to(new)

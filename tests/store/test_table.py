@@ -69,8 +69,13 @@ def test_a_writer_killed_mid_write_leaves_no_partial_rows_and_a_rerun_completes(
     path = tmp_path / "features" / "t"
     proc = mp.get_context("spawn").Process(target=_slow_writer, args=(str(path),))
     proc.start()
+    version = tmp_path / "features" / ".t.versions" / "v000001"
     deadline = time.time() + 60
-    while time.time() < deadline and not list((tmp_path / "features").glob(".t.versions/*/.*.tmp")):
+
+    def writing_the_big_part() -> bool:  # the first part is in place and a later one is being written
+        return any(version.glob("part-*.parquet")) and any(version.glob(".part-*.tmp"))
+
+    while time.time() < deadline and not writing_the_big_part():
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()

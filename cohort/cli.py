@@ -68,8 +68,9 @@ def load_analysis_spec(path: str | Path) -> Any:
     except (OSError, yaml.YAMLError) as exc:
         raise SpecError(f"cannot read the analysis spec: {exc}", subject=str(path)) from exc
     for key in ("store", "clinical"):
-        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-            data[key] = str((path.parent / data[key]).resolve())
+        value = data.get(key)
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            data[key] = str((path.parent / value).resolve())
     try:
         return AnalysisSpec.model_validate(data)
     except ValidationError as exc:
@@ -167,7 +168,7 @@ def _print_summary(summary: Any, console: Any) -> None:
     console.print(f'  import pandas as pd; df = pd.read_parquet("{summary.feature_table}")', **plain)
     if summary.failures:
         console.print("Failures, with the stage and reason:", **plain)
-        console.print(f'  pd.read_parquet("{Path(summary.store) / "failures" / summary.run_id}")', **plain)
+        console.print(f'  pd.read_parquet("{summary.store}/failures/{summary.run_id}")', **plain)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -178,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_runtime(args.verbose)
     overrides: dict[str, Any] = {}
     if args.store:
-        overrides["store"] = str(Path(args.store).resolve())
+        overrides["store"] = args.store  # a folder or s3://bucket/prefix
     if args.archive:
         overrides["archive"] = str(Path(args.archive).resolve())
     if args.scheduler:

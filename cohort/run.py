@@ -6,10 +6,10 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cohort.curate.select import WorkItem
+from cohort.store.location import Location
 
 
 def _only_itself(source: str, canonical: str) -> list[str]:
@@ -69,12 +69,9 @@ class RunSummary:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
-    def write(self, folder: Path) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
+    def write(self, folder: Location) -> Location:
         path = folder / "summary.json"
-        tmp = folder / ".summary.json.tmp"
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        path.write_bytes_atomic(self.to_json().encode())
         return path
 
     @classmethod

@@ -37,6 +37,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def store_root(value: Any) -> Any:
+    """A store root as the spec keeps it: local folders absolute, URLs (``s3://...``) as written."""
+    if isinstance(value, str | os.PathLike):
+        text = os.fspath(value)
+        return text.rstrip("/") if "://" in text else str(Path(text).absolute())
+    return value
+
+
 class SelectionSpec(_Model):
     """Which image series enter the cohort."""
 
@@ -154,7 +162,9 @@ class CohortSpec(_Model):
 
     name: str = Field("cohort", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     archive: Path = Field(description="Root folder of the DICOM archive.")
-    store: Path = Field(description="Root folder of the feature store.")
+    store: str = Field(
+        description="Root of the feature store: a local folder or an object-store URL (s3://bucket/prefix)."
+    )
     selection: SelectionSpec = SelectionSpec()
     rois: dict[str, list[str]] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_ROIS))
     radiomics: RadiomicsSpec = RadiomicsSpec()
@@ -162,6 +172,8 @@ class CohortSpec(_Model):
     shard_slices: int = Field(
         1500, ge=1, description="Target number of CT slices per shard (one Prefect task each)."
     )
+
+    _store_root = field_validator("store", mode="before")(store_root)
 
     @field_validator("rois")
     @classmethod
@@ -249,7 +261,9 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in ("archive", "store"):
-        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+        if isinstance(data.get(key), str) and "://" in data[key]:
+            continue
+        if isinstance(data.get(key), str | Path) and not Path(data[key]).is_absolute():
             data[key] = str((base / data[key]).resolve())
     radiomics = data.get("radiomics")
     if isinstance(radiomics, dict) and isinstance(radiomics.get("params_file"), str):

@@ -34,15 +34,14 @@ def analyse_task(spec: AnalysisSpec) -> dict[str, Any]:
     features = store.read(spec.table)
     clinical = pd.read_csv(spec.clinical)
     result = run_analysis(features, clinical, spec)
-    out = Path(spec.store) / "analysis" / spec.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = store.root / "analysis" / spec.name
     write_table_atomic(pa.Table.from_pandas(result.table, preserve_index=False), out / "harmonised.parquet")
     write_table_atomic(pa.Table.from_pandas(result.cox, preserve_index=False), out / "cox.parquet")
     if result.combat is not None:
-        result.combat.save(out / "combat-model.json")
-    (out / "report.html").write_text(render_report(result))
+        (out / "combat-model.json").write_bytes_atomic(result.combat.to_json().encode())
+    (out / "report.html").write_bytes_atomic(render_report(result).encode())
     head = describe(result)
-    head["report"] = str(out / "report.html")
+    head["report"] = (out / "report.html").url
     top = result.cox.head(spec.top_k)[["covariate", "hr", "hr_lower", "hr_upper", "p_value"]]
     head["top_cox"] = top.to_dict(orient="records")
     return head

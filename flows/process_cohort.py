@@ -40,9 +40,10 @@ from cohort.shard import (
 )
 from cohort.spec import CohortSpec, build_spec, settings_hash
 from cohort.store.layout import StoreLayout
+from cohort.store.objects import FeatureTable, open_table
 from cohort.store.parquet import read_table, write_part, write_table_atomic
 from cohort.store.results import write_shard_result
-from cohort.store.table import COMPACT_AFTER_PARTS, TableDir
+from cohort.store.table import COMPACT_AFTER_PARTS
 from flows.progress import report
 from flows.runtime import prefect_api, task_runner_for
 
@@ -63,7 +64,7 @@ def index_files_task(paths: list[str]) -> tuple[pa.Table, pa.Table]:
 @task(name="process-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1)
 def process_shard_task(items: list[WorkItem], settings: ShardSettings, store: str) -> dict[str, Any]:
     result = process_shard(items, settings)
-    written = write_shard_result(StoreLayout(Path(store)), settings, result, _keys(items))
+    written = write_shard_result(StoreLayout.at(store), settings, result, _keys(items))
     ok_series = set(result.features.column("series_uid").to_pylist()) if result.features.num_rows else set()
     return {
         "items": len(items),
@@ -128,7 +129,7 @@ def shard_settings(
 def stability_icc(layout: StoreLayout, feature_set: str, form: IccForm) -> pa.Table | None:
     """Per-feature ICC across the unperturbed rows and every perturbation in the store."""
     perturbed = read_table(layout.stability(feature_set))
-    features = TableDir(layout.features(feature_set)).read()
+    features = open_table(layout.features(feature_set)).read()
     if perturbed is None or features is None:
         return None
     subject = ["series_uid", "rtstruct_uid", "roi_source"]
@@ -175,13 +176,11 @@ def _attach_artifacts(summary: RunSummary, layout: StoreLayout) -> None:
         )
 
 
-def compact_if_fragmented(table: TableDir, key_columns: Sequence[str], logger: Any) -> None:
+def compact_if_fragmented(table: FeatureTable, key_columns: Sequence[str], logger: Any) -> None:
     """Compact a table holding many small parts (reads then parse one footer instead of hundreds)."""
-    if table.exists() and len(table.parts()) > COMPACT_AFTER_PARTS:
+    if table.exists() and table.part_count() > COMPACT_AFTER_PARTS:
         result = table.compact(key_columns)
-        logger.info(
-            "compacted %s: %d parts -> 1 (%d rows)", table.path.name, result.parts_before, result.rows
-        )
+        logger.info("compacted %s: %d parts -> 1 (%d rows)", table.url, result.parts_before, result.rows)
 
 
 def _current_run_id() -> str:
@@ -197,7 +196,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     cohort_spec = build_spec(spec, environ={})
     logger = get_run_logger()
     run_id = _current_run_id()
-    layout = StoreLayout(Path(cohort_spec.store))
+    layout = StoreLayout.at(cohort_spec.store)
     seconds: dict[str, float] = {}
 
     # 1. Index the archive, in chunks of files across the workers.
@@ -230,7 +229,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     digest = settings_hash(cohort_spec.feature_settings())
     feature_set = feature_set_name(digest)
     settings = shard_settings(cohort_spec, params, digest, feature_set, run_id)
-    done = TableDir(layout.features(feature_set)).keys(KEY_COLUMNS)
+    done = open_table(layout.features(feature_set)).keys(KEY_COLUMNS)
     todo, rows_skipped = remaining_work(
         items, done, lambda source, canonical: roi_keys(source, canonical, settings.subvolumes)
     )
@@ -249,7 +248,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         todo, cohort_spec.shard_slices, min_shards=2 * executor.n_workers * executor.threads_per_worker
     )
     report("process", 0, len(todo))
-    pending = {process_shard_task.submit(shard, settings, str(layout.root)): shard for shard in shards}
+    pending = {process_shard_task.submit(shard, settings, layout.root.url): shard for shard in shards}
     cases_done = cases_ok = rows = failures = 0
     stage_seconds: dict[str, float] = {}
     for shard_future in as_completed(list(pending)):
@@ -269,7 +268,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         cases_done += len(shard)
         report("process", cases_done, len(todo))
     seconds["process"] = time.perf_counter() - t0
-    compact_if_fragmented(TableDir(layout.features(feature_set)), KEY_COLUMNS, logger)
+    compact_if_fragmented(open_table(layout.features(feature_set)), KEY_COLUMNS, logger)
     if settings.stability is not None:
         icc_table = stability_icc(layout, feature_set, cohort_spec.radiomics.stability.icc)
         if icc_table is not None:
@@ -283,9 +282,9 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
 
     summary = RunSummary(
         run_id=run_id,
-        store=str(layout.root),
+        store=layout.root.url,
         feature_set=feature_set,
-        feature_table=str(layout.features(feature_set)),
+        feature_table=layout.features(feature_set).url,
         files_seen=len(files),
         files_quarantined=quarantine.num_rows,
         image_series=len(set(decisions.column("series_uid").to_pylist())),

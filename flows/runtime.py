@@ -33,7 +33,7 @@ def default_prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".cache" / "cohort" / "prefect")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -47,8 +47,8 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGTERM the server when its parent dies.
+def parent_death_signal(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to signal the server (SIGTERM) when its parent dies.
 
     Without it, a CLI killed with SIGKILL leaves the server running. Everything the
     hook needs is resolved here, in the parent, so the forked child runs no import.
@@ -56,10 +56,10 @@ def _parent_death_signal() -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    pr_set_pdeathsig, number = 1, int(sig)
 
     def hook() -> None:
-        prctl(pr_set_pdeathsig, sigterm)
+        prctl(pr_set_pdeathsig, number)
 
     return hook
 
@@ -69,7 +69,7 @@ def local_prefect_server(home: Path | None = None) -> Iterator[str]:
     """Start ``prefect server start`` on a free loopback port; yield its API URL."""
     home = home or default_prefect_home()
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -96,7 +96,7 @@ def local_prefect_server(home: Path | None = None) -> Iterator[str]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_parent_death_signal(),
+        preexec_fn=parent_death_signal(),
     )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT

@@ -71,3 +71,21 @@ def prefect_server() -> Iterator[str]:
 
     with prefect_api(_PREFECT_HOME) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real S3 server (SeaweedFS) on loopback; clients reach it through the AWS environment."""
+    from tests.s3server import seaweed_s3
+
+    with seaweed_s3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        saved = {key: os.environ.get(key) for key in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -60,7 +60,7 @@ def test_analysis_spec_paths_are_relative_to_the_file_and_errors_name_the_key(tm
     spec = tmp_path / "analysis.yaml"
     spec.write_text("store: store\nclinical: data/clinical.csv\ntime: t\nevent: e\n")
     loaded = load_analysis_spec(spec)
-    assert loaded.store == tmp_path / "store" and loaded.clinical == tmp_path / "data" / "clinical.csv"
+    assert loaded.store == str(tmp_path / "store") and loaded.clinical == tmp_path / "data" / "clinical.csv"
     assert loaded.batch == "manufacturer" and loaded.combat.method == "parametric"
     spec.write_text("store: s\nclinical: c\ntime: t\nevent: e\ncombat:\n  method: bayes\n")
     with pytest.raises(SpecError, match=r"combat\.method"):

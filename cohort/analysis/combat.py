@@ -497,10 +497,13 @@ class CombatModel:
                 raise
             raise CombatError(f"malformed ComBat model: {exc!r}", subject="model") from exc
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False, indent=1) + "\n"
+
     def save(self, path: str | Path) -> Path:
         """Write the model as JSON; returns the path."""
         target = Path(path)
-        target.write_text(json.dumps(self.to_dict(), allow_nan=False, indent=1) + "\n", encoding="utf-8")
+        target.write_text(self.to_json(), encoding="utf-8")
         return target
 
     @classmethod

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cohort.analysis.combat import CombatModel, fit_combat
 from cohort.analysis.explore import summary_statistics, volume_surrogates
@@ -29,6 +29,7 @@ from cohort.analysis.survival import (
     univariate_cox,
 )
 from cohort.errors import CohortError, Stage
+from cohort.spec import store_root
 
 TimeUnit = Literal["days", "weeks", "months", "years"]
 
@@ -53,7 +54,8 @@ class AnalysisSpec(_Model):
     """What to analyse: one ROI of one feature table, joined with a clinical table."""
 
     name: str = Field("analysis", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    store: Path
+    store: str = Field(description="Store root: a local folder or an object-store URL (s3://bucket/prefix).")
+    _store_root = field_validator("store", mode="before")(store_root)
     table: str | None = Field(None, description="Feature table; default: the only one in the store.")
     roi: str = "GTV"
     clinical: Path

@@ -1,7 +1,7 @@
 """A small Python API over a store: list tables, read with filters, join clinical data.
 
 >>> import cohort.store
->>> store = cohort.store.open("demo/store")
+>>> store = cohort.store.open("demo/store")          # or "s3://bucket/prefix"
 >>> store.tables()                      # feature sets with row counts
 >>> df = store.read(columns=["patient_id", "roi", "original_shape_VoxelVolume"],
 ...                 filters=[("roi", "==", "GTV")])
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,47 +22,55 @@ import pyarrow.parquet as pq
 from cohort.errors import StoreError
 from cohort.shard import KEY_COLUMNS
 from cohort.store.layout import StoreLayout
-from cohort.store.table import CompactResult, TableDir
+from cohort.store.location import Location
+from cohort.store.objects import FeatureTable, open_table
+from cohort.store.parquet import read_table
+from cohort.store.table import CompactResult
 
 Filters = Sequence[tuple[str, str, Any]]
 
 
 class Store:
-    """Read access (and compaction) for one store root."""
+    """Read access (and compaction) for one store root, local or on an object store."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise StoreError("store folder does not exist", subject=str(self.root))
+    def __init__(self, root: str | os.PathLike[str] | Location) -> None:
+        self.root = Location.parse(root)
+        if not self.root.exists():
+            raise StoreError("store does not exist", subject=self.root.url)
         self.layout = StoreLayout(self.root)
 
     def table_names(self) -> list[str]:
-        folder = self.root / "features"
-        if not folder.is_dir():
-            return []
-        return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.exists())
+        """Feature tables: visible folders, and (object stores) tables known by their commit log."""
+        names = set()
+        for entry in (self.root / "features").listdir():
+            if not entry.name.startswith("."):
+                names.add(entry.name)
+            elif entry.name.endswith(".log") and not self.root.is_local:
+                names.add(entry.name[1:].removesuffix(".log"))
+        return sorted(n for n in names if open_table(self.layout.features(n)).exists())
 
     def tables(self) -> pd.DataFrame:
         """One row per feature table: name, rows, parts, settings hash, path."""
         rows = []
         for name in self.table_names():
-            table = TableDir(self.layout.features(name))
-            files = table.parts()
-            n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-            head = table.read(["settings_hash"])
-            digest = head.column("settings_hash")[0].as_py() if head is not None and head.num_rows else None
+            table = open_table(self.layout.features(name))
+            dataset = table.dataset()
+            digest = None
+            if dataset is not None and "settings_hash" in dataset.schema.names:
+                head = dataset.head(1, columns=["settings_hash"])
+                digest = head.column("settings_hash")[0].as_py() if head.num_rows else None
             rows.append(
                 {
                     "table": name,
-                    "rows": n_rows,
-                    "parts": len(files),
+                    "rows": table.row_count(),
+                    "parts": table.part_count(),
                     "settings_hash": digest,
-                    "path": str(table.path),
+                    "path": table.url,
                 }
             )
         return pd.DataFrame(rows, columns=["table", "rows", "parts", "settings_hash", "path"])
 
-    def _table(self, table: str | None) -> TableDir:
+    def _table(self, table: str | None) -> FeatureTable:
         names = self.table_names()
         if table is None:
             if len(names) != 1:
@@ -72,9 +81,9 @@ class Store:
             table = names[0]
         if table not in names:
             raise StoreError(
-                f"no feature table {table!r}; tables: {', '.join(names) or 'none'}", subject=str(self.root)
+                f"no feature table {table!r}; tables: {', '.join(names) or 'none'}", subject=self.root.url
             )
-        return TableDir(self.layout.features(table))
+        return open_table(self.layout.features(table))
 
     def read(
         self,
@@ -87,13 +96,14 @@ class Store:
 
         ``filters`` are pyarrow/pandas style tuples, e.g. ``[("roi", "==", "GTV")]``.
         Rows are deduplicated by key (the latest ``processed_at`` wins) as a last line
-        of defence for stores whose file system cannot lock (object stores).
+        of defence.
         """
-        target = self._table(table)
+        dataset = self._table(table).dataset()
         wanted = None if columns is None else list(dict.fromkeys([*KEY_COLUMNS, *columns]))
-        frame = pq.read_table(
-            target.path, columns=wanted, filters=list(filters) if filters else None
-        ).to_pandas()
+        if dataset is None:
+            return pd.DataFrame(columns=wanted or list(KEY_COLUMNS))
+        expression = pq.filters_to_expression(list(filters)) if filters else None
+        frame = dataset.to_table(columns=wanted, filter=expression).to_pandas()
         if "processed_at" in frame.columns:
             frame = frame.sort_values("processed_at", ascending=False)
         frame = frame.drop_duplicates(list(KEY_COLUMNS)).sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
@@ -118,18 +128,20 @@ class Store:
         return joined.drop(columns=[clinical_key]) if clinical_key != key else joined
 
     def failures(self, run_id: str | None = None) -> pd.DataFrame:
-        folder = self.layout.failures(run_id) if run_id else self.layout.failures_root
-        if not folder.exists():
-            return pd.DataFrame()
-        return pd.read_parquet(folder)
+        table = read_table(self.layout.failures(run_id) if run_id else self.layout.failures_root)
+        return pd.DataFrame() if table is None else table.to_pandas()
 
     def instances(self) -> pd.DataFrame:
-        return pd.read_parquet(self.layout.instances)
+        table = read_table(self.layout.instances)
+        if table is None:
+            raise StoreError("the store has no index yet", subject=self.layout.instances.url)
+        return table.to_pandas()
 
     def runs(self) -> pd.DataFrame:
         """Summaries of every run in the store, newest last."""
+        summaries = [run / "summary.json" for run in (self.root / "runs").listdir()]
         rows = []
-        for path in sorted((self.root / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime):
+        for path in sorted((p for p in summaries if p.exists()), key=Location.modified):
             data = json.loads(path.read_text())
             data.pop("seconds", None)
             rows.append(data)
@@ -140,6 +152,6 @@ class Store:
         return self._table(table).compact(KEY_COLUMNS)
 
 
-def open_store(root: str | Path) -> Store:
-    """Open a store root for reading (``cohort.store.open``)."""
+def open_store(root: str | os.PathLike[str] | Location) -> Store:
+    """Open a store root, a folder or ``s3://bucket/prefix`` (``cohort.store.open``)."""
     return Store(root)

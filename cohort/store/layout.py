@@ -13,46 +13,54 @@
       runs/<run id>/selection.parquet    one row per image series: selected or not, why
       runs/<run id>/summary.json         counts and timings of the run
 
-Every folder is a Parquet dataset that ``pandas.read_parquet(folder)`` reads.
+Every folder is a Parquet dataset that ``pandas.read_parquet(folder)`` reads. The
+root is a local folder or an object-store URL (``s3://bucket/prefix``; see
+:mod:`cohort.store.location`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
+
+from cohort.store.location import Location
 
 
 @dataclass(frozen=True)
 class StoreLayout:
-    root: Path
+    root: Location
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str] | Location) -> StoreLayout:
+        return cls(Location.parse(root))
 
     @property
-    def index_dir(self) -> Path:
+    def index_dir(self) -> Location:
         return self.root / "index"
 
     @property
-    def instances(self) -> Path:
+    def instances(self) -> Location:
         return self.index_dir / "instances.parquet"
 
     @property
-    def quarantine(self) -> Path:
+    def quarantine(self) -> Location:
         return self.index_dir / "quarantine.parquet"
 
-    def features(self, feature_set: str) -> Path:
+    def features(self, feature_set: str) -> Location:
         return self.root / "features" / feature_set
 
-    def stability(self, feature_set: str) -> Path:
+    def stability(self, feature_set: str) -> Location:
         return self.root / "stability" / feature_set
 
-    def stability_icc(self, feature_set: str) -> Path:
+    def stability_icc(self, feature_set: str) -> Location:
         return self.root / "stability-icc" / f"{feature_set}.parquet"
 
-    def failures(self, run_id: str) -> Path:
+    def failures(self, run_id: str) -> Location:
         return self.root / "failures" / run_id
 
     @property
-    def failures_root(self) -> Path:
+    def failures_root(self) -> Location:
         return self.root / "failures"
 
-    def run_dir(self, run_id: str) -> Path:
+    def run_dir(self, run_id: str) -> Location:
         return self.root / "runs" / run_id

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from cohort.shard import KEY_COLUMNS, ShardResult, ShardSettings
 from cohort.store.layout import StoreLayout
+from cohort.store.objects import open_table
 from cohort.store.parquet import write_part
-from cohort.store.table import TableDir
 
 #: Key of a perturbed-feature row.
 STABILITY_KEY_COLUMNS = (*KEY_COLUMNS, "perturbation")
@@ -24,8 +24,8 @@ def write_shard_result(
     layout: StoreLayout, settings: ShardSettings, result: ShardResult, keys: Sequence[str]
 ) -> ShardWrite:
     """Append features (and perturbed features) once per key; record failures of this run."""
-    appended = TableDir(layout.features(settings.feature_set)).append(result.features, KEY_COLUMNS)
+    appended = open_table(layout.features(settings.feature_set)).append(result.features, KEY_COLUMNS)
     write_part(result.failures, layout.failures(settings.run_id), keys)
     if result.stability is not None:
-        TableDir(layout.stability(settings.feature_set)).append(result.stability, STABILITY_KEY_COLUMNS)
+        open_table(layout.stability(settings.feature_set)).append(result.stability, STABILITY_KEY_COLUMNS)
     return ShardWrite(appended.written, appended.skipped_existing)

@@ -21,7 +21,7 @@ polars, Dask):
   one, never both. The previous version is deleted at the next compaction.
 
 The lock is ``fcntl.flock`` on a local or NFSv4 file system. Object stores have
-no rename or lock; there :func:`cohort.store.open` deduplicates on read.
+no rename or lock; tables there are :class:`cohort.store.objects.ObjectTable`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ STALE_TMP_SECONDS = 3600.0
 class AppendResult:
     written: int
     skipped_existing: int
-    path: Path | None
+    path: str | None
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,13 @@ class CompactResult:
     stale_files_removed: int
 
 
-def _key_tuples(table: pa.Table, key_columns: Sequence[str]) -> list[tuple[str, ...]]:
+def key_tuples(table: pa.Table, key_columns: Sequence[str]) -> list[tuple[str, ...]]:
     columns = [table.column(c).cast(pa.string()).fill_null("").to_pylist() for c in key_columns]
     return list(zip(*columns, strict=True))
 
 
-def _key_strings(table: pa.Table, key_columns: Sequence[str]) -> list[str]:
-    return ["\x1f".join(key) for key in _key_tuples(table, key_columns)]
+def key_strings(table: pa.Table, key_columns: Sequence[str]) -> list[str]:
+    return ["\x1f".join(key) for key in key_tuples(table, key_columns)]
 
 
 class TableDir:
@@ -84,8 +84,18 @@ class TableDir:
         self.lock_path = self.path.parent / f".{self.path.name}.lock"
 
     # -- layout -----------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return str(self.path)
+
     def exists(self) -> bool:
         return self.path.exists()
+
+    def part_count(self) -> int:
+        return len(self.parts())
+
+    def row_count(self) -> int:
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in self.parts())
 
     def current(self) -> Path:
         """The folder of the current version, created on first use."""
@@ -125,13 +135,15 @@ class TableDir:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- reading ----------------------------------------------------------------
-    def read(self, columns: Sequence[str] | None = None) -> pa.Table | None:
+    def dataset(self) -> ds.Dataset | None:
         if not self.path.exists():
             return None
         dataset = ds.dataset(str(self.path), format="parquet")
-        if not dataset.files:
-            return None
-        return dataset.to_table(columns=list(columns) if columns else None)
+        return dataset if dataset.files else None
+
+    def read(self, columns: Sequence[str] | None = None) -> pa.Table | None:
+        dataset = self.dataset()
+        return None if dataset is None else dataset.to_table(columns=list(columns) if columns else None)
 
     def keys(self, key_columns: Sequence[str]) -> set[tuple[str, ...]]:
         """Keys present, from each part's narrow key file (``v<N>.keys/``) where it has one.
@@ -144,7 +156,7 @@ class TableDir:
         for part in self.parts():
             side = _keys_folder(part.parent) / part.name
             source = side if side.exists() else part
-            present.update(_key_tuples(pq.read_table(source, columns=list(key_columns)), key_columns))
+            present.update(key_tuples(pq.read_table(source, columns=list(key_columns)), key_columns))
         return present
 
     # -- writing ----------------------------------------------------------------
@@ -152,7 +164,7 @@ class TableDir:
         """Add the rows of ``table`` whose key is not in the table yet."""
         if table.num_rows == 0:
             return AppendResult(0, 0, None)
-        keys = _key_tuples(table, key_columns)
+        keys = key_tuples(table, key_columns)
         if len(set(keys)) != len(keys):
             raise StoreError("rows to append repeat a key", subject=str(self.path))
         with self.lock():
@@ -166,7 +178,7 @@ class TableDir:
             path = folder / part_name(new_keys)
             write_table_atomic(new, path)
             write_table_atomic(new.select(list(key_columns)), _keys_folder(folder) / path.name)
-        return AppendResult(new.num_rows, table.num_rows - new.num_rows, path)
+        return AppendResult(new.num_rows, table.num_rows - new.num_rows, str(path))
 
     def compact(self, key_columns: Sequence[str], order_by: str | None = "processed_at") -> CompactResult:
         """Rewrite the table as one part (one row per key, the latest by ``order_by``)."""
@@ -178,11 +190,11 @@ class TableDir:
             if table is None:
                 return CompactResult(len(parts), len(parts), 0, 0, stale)
             before = table.num_rows
-            table = _deduplicate(table, key_columns, order_by)
+            table = deduplicate(table, key_columns, order_by)
             number = int(old.name.removeprefix("v")) + 1
             new = self.versions / f"v{number:06d}"
             new.mkdir(parents=True, exist_ok=False)
-            name = part_name(_key_strings(table, key_columns))
+            name = part_name(key_strings(table, key_columns))
             write_table_atomic(table, new / name)
             write_table_atomic(table.select(list(key_columns)), _keys_folder(new) / name)
             self._point_to(new)
@@ -199,11 +211,11 @@ def _keys_folder(version: Path) -> Path:
     return version.parent / f"{version.name}.keys"
 
 
-def _deduplicate(table: pa.Table, key_columns: Sequence[str], order_by: str | None) -> pa.Table:
+def deduplicate(table: pa.Table, key_columns: Sequence[str], order_by: str | None) -> pa.Table:
     if order_by and order_by in table.column_names:
         order = pc.sort_indices(table, sort_keys=[(order_by, "descending")])
         table = table.take(order)
-    keys = _key_strings(table, key_columns)
+    keys = key_strings(table, key_columns)
     seen: set[str] = set()
     keep = []
     for key in keys:

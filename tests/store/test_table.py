@@ -152,7 +152,8 @@ def test_appends_look_up_keys_in_narrow_side_files_and_survive_a_missing_one(tmp
     first = table.append(_rows([1, 2, 3], payload=50), KEYS)
     table.append(_rows([4, 5], payload=50), KEYS)
     assert first.path is not None
-    side = first.path.parent.parent / f"{first.path.parent.name}.keys" / first.path.name
+    part = Path(first.path)
+    side = part.parent.parent / f"{part.parent.name}.keys" / part.name
     assert pd.read_parquet(side).columns.tolist() == KEYS
     side.unlink()  # as if the writer died between the part and its key file
     again = table.append(_rows([1, 2, 3, 6], payload=50), KEYS)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, SpecError
 
 DEMO_SPEC = """\
 # Cohort spec written by `cohort demo`. Edit and run with: cohort run {spec}
@@ -60,7 +60,6 @@ def load_analysis_spec(path: str | Path) -> Any:
     from pydantic import ValidationError
 
     from cohort.analysis.pipeline import AnalysisSpec
-    from cohort.errors import SpecError
 
     path = Path(path)
     try:
@@ -277,6 +276,34 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """A Prefect server with its UI (unless PREFECT_API_URL is set) serving the cohort deployments."""
+    from flows.deployments import build_deployments, serve_deployments
+    from flows.runtime import local_prefect_server
+
+    if bool(args.archive) != bool(args.store):
+        raise SpecError("--archive and --store go together (they define the nightly run)", subject="serve")
+    archive = str(Path(args.archive).resolve()) if args.archive else None
+    store = args.store if not args.store or "://" in args.store else str(Path(args.store).resolve())
+    spec = str(Path(args.spec).resolve()) if args.spec else None
+    deployments = build_deployments(
+        nightly_archive=archive, nightly_store=store, nightly_spec=spec, cron=args.cron
+    )
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    if os.environ.get("PREFECT_API_URL"):
+        print(f"serving {names} on {os.environ['PREFECT_API_URL']}", flush=True)
+        serve_deployments(deployments, limit=args.limit)
+        return 0
+    with local_prefect_server(
+        Path(args.prefect_home) if args.prefect_home else None, host=args.host, port=args.port, ui=True
+    ) as url:
+        os.environ["PREFECT_API_URL"] = url
+        print(f"Prefect UI: {url.removesuffix('/api')}  (API {url})", flush=True)
+        print(f"serving {names}; Ctrl-C stops", flush=True)
+        serve_deployments(deployments, limit=args.limit)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cohort", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     analyse.add_argument("spec", help="analysis spec YAML")
     analyse.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs")
     analyse.set_defaults(func=cmd_analyse)
+
+    serve = sub.add_parser(
+        "serve", help="start a Prefect server + UI and serve the cohort deployments (and a nightly run)"
+    )
+    serve.add_argument("--archive", help="archive of the nightly run (with --store)")
+    serve.add_argument("--store", help="store of the nightly run: a folder or s3://bucket/prefix")
+    serve.add_argument("--spec", help="cohort spec YAML of the nightly run")
+    serve.add_argument("--cron", default="0 2 * * *", help="schedule of the nightly run (default 02:00)")
+    serve.add_argument("--host", default="127.0.0.1", help="address the Prefect server listens on")
+    serve.add_argument("--port", type=int, default=4200, help="port of the Prefect server")
+    serve.add_argument("--prefect-home", help="PREFECT_HOME of the server (its SQLite database)")
+    serve.add_argument("--limit", type=int, help="flow runs at once (default: no limit)")
+    serve.set_defaults(func=cmd_serve)
 
     index = sub.add_parser("index", help="index the DICOM headers of a folder to Parquet")
     index.add_argument("path")

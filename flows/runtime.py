@@ -65,17 +65,24 @@ def parent_death_signal(sig: signal.Signals = signal.SIGTERM) -> Callable[[], No
 
 
 @contextmanager
-def local_prefect_server(home: Path | None = None) -> Iterator[str]:
-    """Start ``prefect server start`` on a free loopback port; yield its API URL."""
+def local_prefect_server(
+    home: Path | None = None, *, host: str = "127.0.0.1", port: int | None = None, ui: bool = False
+) -> Iterator[str]:
+    """Start ``prefect server start`` (a free loopback port by default); yield its API URL.
+
+    Without the UI the server also runs without its background services (a cohort
+    run needs none); with the UI (``cohort serve``) the services run too, since the
+    scheduler that turns cron schedules into runs is one of them.
+    """
     home = home or default_prefect_home()
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
+    port = port or free_port()
+    url = f"http://{host}:{port}/api"
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
         "PREFECT_API_URL": url,
     }
     log = (home / "server.log").open("ab")
@@ -87,10 +94,10 @@ def local_prefect_server(home: Path | None = None) -> Iterator[str]:
             "server",
             "start",
             "--host",
-            "127.0.0.1",
+            host,
             "--port",
             str(port),
-            "--no-services",
+            *([] if ui else ["--no-services"]),
         ],
         env=env,
         stdout=log,

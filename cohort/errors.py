@@ -17,6 +17,8 @@ class Stage(StrEnum):
     INDEX = "index"
     CURATE = "curate"
     MASK = "mask"
+    HARMONISE = "harmonise"
+    SEGMENT = "segment"
     RADIOMICS = "radiomics"
     STORE = "store"
     ANALYSIS = "analysis"
@@ -61,6 +63,18 @@ class RTStructError(CohortError):
     stage = Stage.MASK
 
 
+class HarmoniseError(CohortError):
+    """An image harmonisation step cannot be applied (or would be refused) for one image."""
+
+    stage = Stage.HARMONISE
+
+
+class SegmentationError(CohortError):
+    """Segmentation (lung isolation, metrics) cannot be computed for one case."""
+
+    stage = Stage.SEGMENT
+
+
 class RadiomicsError(CohortError):
     """Feature extraction failed for one (series, ROI)."""
 
@@ -71,3 +85,15 @@ class StoreError(CohortError):
     """The feature store cannot be read or written."""
 
     stage = Stage.STORE
+
+
+class DeidentificationError(CohortError):
+    """A DICOM object cannot be de-identified or written out safely."""
+
+    stage = Stage.CURATE
+
+
+class ConversionError(CohortError):
+    """A volume cannot be written to (or read from) NIfTI/NRRD."""
+
+    stage = Stage.CURATE

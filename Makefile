@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	command -v dciodvfy >/dev/null || ((apt-get update -qq && apt-get install -y -qq dicom3tools) >/dev/null 2>&1 || echo 'dicom3tools (dciodvfy) not installed: its checks will skip')
 	touch $(STAMP)
 
 venv: $(STAMP)

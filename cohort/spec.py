@@ -55,6 +55,14 @@ class SelectionSpec(_Model):
         "references it has an ROI whose harmonised name fully matches it.",
     )
 
+    per_patient: Literal["all", "thinnest", "most_slices"] = Field(
+        "all",
+        description="Which of a patient's eligible series to keep (per role when roles are given): "
+        "'all'; 'thinnest' (smallest slice thickness, then most slices, then finest pixel spacing); "
+        "'most_slices'. Eligible = passes qc, has a role if roles are given, and an RTSTRUCT with "
+        "require_roi. Losers are recorded in the decision table with the winner.",
+    )
+
     roles: dict[str, str] = Field(
         default_factory=dict,
         description="Series role -> regular expression searched (case-insensitive) in the series "
@@ -81,6 +89,120 @@ class SelectionSpec(_Model):
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"roles.{role}: not a regular expression: {exc}") from exc
+        return value
+
+
+class RangeSpec(_Model):
+    """An inclusive range; a missing bound is no limit. YAML: ``{min: 1, max: 5}``.
+
+    (A mapping, not a pair, so that ``COHORT_QC__SLICE_THICKNESS__MAX`` overrides one bound.)
+    """
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}")
+        return self
+
+    @property
+    def limited(self) -> bool:
+        return self.min is not None or self.max is not None
+
+    def contains(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.min is None else f"{self.min:g}"
+        hi = "inf" if self.max is None else f"{self.max:g}"
+        return f"[{lo}, {hi}]"
+
+
+class GeometryQcSpec(_Model):
+    """How series with geometry defects are split, repaired or refused (headers checked at indexing)."""
+
+    split: bool = Field(
+        True,
+        description="Read a series of mixed geometries, or of several acquisitions / temporal positions "
+        "that each cover the stack, as one sub-series each (<SeriesInstanceUID>#geo1, #acq2, #t3).",
+    )
+    irregular_spacing: Literal["refuse", "resample"] = Field(
+        "refuse",
+        description="Missing slices or irregular spacing: refuse the series, or resample it along the "
+        "normal onto a regular grid at the median spacing (linear; acquired slices kept exactly).",
+    )
+    gantry_tilt: Literal["refuse", "resample"] = Field(
+        "refuse",
+        description="A stack leaning from the slice normal (sheared grid): refuse, or shift each slice "
+        "in-plane onto an orthogonal grid (linear interpolation).",
+    )
+    duplicate_positions: Literal["refuse", "keep_first"] = Field(
+        "refuse", description="Several slices at one position: refuse, or keep the lowest InstanceNumber."
+    )
+    max_spacing_deviation: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Largest gap deviation from the median spacing (relative) of a regular series.",
+    )
+    missing_slice_factor: float = Field(
+        1.5, gt=1, description="A gap longer than this many median spacings holds missing slices."
+    )
+    max_tilt_pixels: float = Field(
+        0.25,
+        gt=0,
+        description="Largest in-plane offset of a slice from the stack axis (pixels) of an untilted stack.",
+    )
+
+
+#: ContrastBolusAgent values that mean "no contrast" (compared case-insensitively).
+DEFAULT_NO_CONTRAST = ["", "none", "no", "n/a", "na", "0", "no contrast", "without"]
+
+
+class QcSpec(_Model):
+    """Quality checks: every image series gets pass/fail per check with a reason; a failing series
+    is not selected. Unset limits pass everything (the defaults check nothing but geometry)."""
+
+    modality: list[str] | None = Field(
+        None, description="Accepted modalities; default: [selection.modality]."
+    )
+    orientation: list[Literal["axial", "coronal", "sagittal"]] | None = Field(
+        None, description="Accepted orientations (the patient axis nearest to the slice normal)."
+    )
+    max_obliquity_deg: float | None = Field(
+        None, ge=0, description="Largest angle between the slice normal and its nearest patient axis."
+    )
+    slice_thickness: RangeSpec = Field(default_factory=RangeSpec, description="SliceThickness (mm).")
+    slice_count: RangeSpec = Field(default_factory=RangeSpec, description="Number of slice positions.")
+    pixel_spacing: RangeSpec = Field(default_factory=RangeSpec, description="Both PixelSpacing values (mm).")
+    in_plane_size: RangeSpec = Field(default_factory=RangeSpec, description="Both Rows and Columns (pixels).")
+    kernels: list[str] = Field(
+        default_factory=list,
+        description="Accepted ConvolutionKernel values: regular expressions matched in full, "
+        "case-insensitive; empty accepts any (and a missing kernel).",
+    )
+    require_rescale: bool = Field(
+        False, description="Every instance must carry RescaleSlope and RescaleIntercept."
+    )
+    contrast: Literal["any", "without", "with"] = Field(
+        "any", description="ContrastBolusAgent: any, without (absent or a no-contrast value) or with."
+    )
+    no_contrast_values: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_NO_CONTRAST),
+        description="ContrastBolusAgent values that mean no contrast (case-insensitive).",
+    )
+    geometry: GeometryQcSpec = GeometryQcSpec()
+
+    @field_validator("kernels")
+    @classmethod
+    def _kernel_patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from exc
         return value
 
 
@@ -148,13 +270,23 @@ class RadiomicsSpec(_Model):
 class ExecutorSpec(_Model):
     """Where shards run."""
 
-    kind: Literal["dask", "threads"] = Field(
-        "dask", description="'dask' (LocalCluster or an existing scheduler) or 'threads' (in-process)."
+    kind: Literal["dask", "ray", "threads"] = Field(
+        "dask",
+        description="'dask' (LocalCluster or an existing scheduler), 'ray' (a local Ray instance or an "
+        "existing cluster; needs the 'ray' extra) or 'threads' (in-process).",
     )
-    address: str | None = Field(None, description="Address of an existing Dask scheduler.")
-    n_workers: int = Field(2, ge=1, description="LocalCluster worker processes.")
+    address: str | None = Field(
+        None,
+        description="Address of an existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001).",
+    )
+    n_workers: int = Field(2, ge=1, description="Local worker processes (Dask LocalCluster; Ray CPUs).")
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = Field("auto", description="Per-worker memory limit of the LocalCluster.")
+    retries: int = Field(
+        1,
+        ge=0,
+        description="Retries of a shard whose task failed as a whole (a lost worker, a transient error).",
+    )
 
 
 class CohortSpec(_Model):
@@ -166,6 +298,7 @@ class CohortSpec(_Model):
         description="Root of the feature store: a local folder or an object-store URL (s3://bucket/prefix)."
     )
     selection: SelectionSpec = SelectionSpec()
+    qc: QcSpec = QcSpec()
     rois: dict[str, list[str]] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_ROIS))
     radiomics: RadiomicsSpec = RadiomicsSpec()
     executor: ExecutorSpec = ExecutorSpec()

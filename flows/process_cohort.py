@@ -248,7 +248,8 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         todo, cohort_spec.shard_slices, min_shards=2 * executor.n_workers * executor.threads_per_worker
     )
     report("process", 0, len(todo))
-    pending = {process_shard_task.submit(shard, settings, layout.root.url): shard for shard in shards}
+    shard_task = process_shard_task.with_options(retries=executor.retries)
+    pending = {shard_task.submit(shard, settings, layout.root.url): shard for shard in shards}
     cases_done = cases_ok = rows = failures = 0
     stage_seconds: dict[str, float] = {}
     for shard_future in as_completed(list(pending)):

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -174,6 +175,8 @@ def task_runner_for(executor: ExecutorSpec) -> Any:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=executor.n_workers * executor.threads_per_worker)
+    if executor.kind == "ray":
+        return ray_task_runner(executor)
     from prefect_dask import DaskTaskRunner
 
     if executor.address:
@@ -187,4 +190,31 @@ def task_runner_for(executor: ExecutorSpec) -> Any:
             "memory_limit": executor.memory_limit,
             "dashboard_address": ":0",
         },
+    )
+
+
+def ray_task_runner(executor: ExecutorSpec) -> Any:
+    """A Prefect task runner on Ray: a local Ray instance, or an existing cluster at ``executor.address``.
+
+    Ray 2.60 turns on token authentication and writes ``~/.ray`` by default: a local
+    instance here runs without auth, under a short temporary folder, without its
+    dashboard, with ``n_workers × threads_per_worker`` CPUs.
+    """
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as exc:
+        raise CohortError("executor.kind 'ray' needs the ray extra: pip install 'cohort[ray]'") from exc
+    if executor.address:
+        return RayTaskRunner(address=executor.address)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp = Path(tempfile.gettempdir()) / f"ray-cohort-{os.getpid()}"
+    return RayTaskRunner(
+        init_kwargs={
+            "num_cpus": executor.n_workers * executor.threads_per_worker,
+            "include_dashboard": False,
+            "_temp_dir": str(temp),
+            "logging_level": "error",
+            "log_to_driver": False,
+        }
     )

@@ -59,3 +59,47 @@ def test_settings_hash_is_stable_and_order_free() -> None:
     b = {"imageType": {"Original": {}}, "setting": {"label": 1, "binWidth": 25}}
     assert settings_hash(a) == settings_hash(b)
     assert settings_hash(a) != settings_hash({**a, "setting": {"binWidth": 10, "label": 1}})
+
+
+def test_qc_section_defaults_check_only_geometry() -> None:
+    spec = build_spec({"archive": "a", "store": "s"}, environ={})
+    assert spec.selection.per_patient == "all"
+    assert spec.qc.modality is None and spec.qc.kernels == [] and spec.qc.contrast == "any"
+    assert not spec.qc.slice_thickness.limited and not spec.qc.slice_count.limited
+    geometry = spec.qc.geometry
+    assert (geometry.split, geometry.irregular_spacing, geometry.gantry_tilt) == (True, "refuse", "refuse")
+    assert geometry.duplicate_positions == "refuse" and geometry.max_spacing_deviation == 0.05
+
+
+def test_qc_section_from_yaml_with_environment_overriding_one_bound(tmp_path: Path) -> None:
+    text = (
+        "archive: a\nstore: s\n"
+        "selection:\n  per_patient: thinnest\n  require_roi: GTV\n"
+        "qc:\n  orientation: [axial]\n  slice_thickness: {min: 1, max: 3}\n  slice_count: {min: 50}\n"
+        "  kernels: ['B\\d+f', 'STANDARD']\n  contrast: without\n"
+        "  geometry:\n    irregular_spacing: resample\n"
+    )
+    spec = load_spec(_write(tmp_path, text), environ={"COHORT_QC__SLICE_THICKNESS__MAX": "2.5"})
+    assert spec.selection.per_patient == "thinnest"
+    assert (spec.qc.slice_thickness.min, spec.qc.slice_thickness.max) == (1.0, 2.5)
+    assert spec.qc.slice_count.contains(50) and not spec.qc.slice_count.contains(49)
+    assert str(spec.qc.slice_count) == "[50, inf]"
+    assert spec.qc.kernels == [r"B\d+f", "STANDARD"] and spec.qc.contrast == "without"
+    assert spec.qc.orientation == ["axial"] and spec.qc.geometry.irregular_spacing == "resample"
+
+
+@pytest.mark.parametrize(
+    "qc, field",
+    [
+        ({"slice_thickness": {"min": 3, "max": 1}}, r"qc\.slice_thickness: .*min 3 is above max 1"),
+        ({"kernels": ["("]}, r"qc\.kernels: .*not a regular expression"),
+        ({"contrast": "maybe"}, r"qc\.contrast"),
+        ({"geometry": {"gantry_tilt": "ignore"}}, r"qc\.geometry\.gantry_tilt"),
+        ({"slice_count": [1, 2]}, r"qc\.slice_count"),
+    ],
+)
+def test_bad_qc_values_name_the_field(qc: dict[str, object], field: str) -> None:
+    with pytest.raises(SpecError, match=field):
+        build_spec({"archive": "a", "store": "s", "qc": qc}, environ={})
+    with pytest.raises(SpecError, match=r"selection\.per_patient"):
+        build_spec({"archive": "a", "store": "s", "selection": {"per_patient": "best"}}, environ={})

@@ -11,6 +11,7 @@ polygons that share an edge never both claim a voxel.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 import pydicom
@@ -23,6 +24,15 @@ from cohort.errors import RTStructError
 SLICE_SNAP_TOLERANCE = 0.25
 
 
+class RoiKind(StrEnum):
+    """What an ROI's contours make: a volume (closed planar contours) or something to skip."""
+
+    VOLUME = "volume"
+    POINT = "point"
+    EMPTY = "empty"
+    OTHER = "other"  # only open or untyped contours
+
+
 @dataclass(frozen=True)
 class RoiInfo:
     """One ROI of a structure set, as listed in StructureSetROISequence."""
@@ -31,6 +41,28 @@ class RoiInfo:
     name: str
     geometric_types: tuple[str, ...]
     n_contours: int
+
+    @property
+    def kind(self) -> RoiKind:
+        if "CLOSED_PLANAR" in self.geometric_types:
+            return RoiKind.VOLUME
+        if self.n_contours == 0:
+            return RoiKind.EMPTY
+        if self.geometric_types == ("POINT",):
+            return RoiKind.POINT
+        return RoiKind.OTHER
+
+    @property
+    def skip_note(self) -> str | None:
+        """Why this ROI gives no mask (a POINT, no contours, only open contours); None for a volume."""
+        kind = self.kind
+        if kind == RoiKind.VOLUME:
+            return None
+        if kind == RoiKind.POINT:
+            return f"ROI {self.name!r} is a POINT ROI (e.g. an isocentre); skipped"
+        if kind == RoiKind.EMPTY:
+            return f"ROI {self.name!r} has no contours; skipped"
+        return f"ROI {self.name!r} has no closed planar contour ({', '.join(self.geometric_types)}); skipped"
 
 
 @dataclass(frozen=True)

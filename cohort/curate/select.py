@@ -1,7 +1,21 @@
-"""Series selection and RTSTRUCT linking, on the index table alone (no pixel reads).
+"""Series selection and RTSTRUCT / SEG linking, on the index table alone (no pixel reads).
 
-Every image series in the index gets one decision row saying whether it was
-selected and why, so a curator can always answer "why is this case missing?".
+Every image series in the index gets one decision row per structure set
+considered, saying whether it was selected and why, so a curator can always
+answer "why is this case missing?". The steps, in order (the first that fails
+is the ``step`` of the row):
+
+1. modality (``selection.modality``, or ``qc.modality``);
+2. split: a series of mixed geometries, or of acquisitions / temporal positions
+   that each cover the stack, becomes sub-series ``<uid>#geo1``, ``#acq2``, ``#t3``
+   (:func:`cohort.curate.geometry.split_series`); each is decided on its own;
+3. quality checks (:mod:`cohort.curate.qc`, the ``qc:`` spec), geometry included;
+4. role (``selection.roles``);
+5. link: an RTSTRUCT or SEG referencing the series (ReferencedSeriesInstanceUID),
+   or, when it references no series of the archive, the one image series of
+   its FrameOfReferenceUID (the link used is recorded);
+6. ROI: the structure set has an ROI harmonised to ``selection.require_roi``;
+7. per patient (``selection.per_patient``): e.g. the thinnest of the rest.
 """
 
 from __future__ import annotations
@@ -10,11 +24,21 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
+from cohort.curate.geometry import ReadPolicy, SubSeries, split_series
+from cohort.curate.qc import (
+    SeriesQc,
+    accepted_modalities,
+    check_series_quality,
+    geometry_tolerances,
+    qc_table,
+    read_policy,
+)
 from cohort.spec import CohortSpec
 
 #: Acquisition metadata copied from the first slice of a series onto every
@@ -38,6 +62,27 @@ METADATA_COLUMNS = (
 #: Modalities that annotate image series rather than being selectable images.
 ANNOTATION_MODALITIES = frozenset({"RTSTRUCT", "SEG"})
 
+
+class LinkMethod(StrEnum):
+    """How a structure set or segmentation was tied to an image series."""
+
+    REFERENCED_SERIES = "referenced_series"  # its ReferencedSeriesInstanceUID names the series
+    FRAME_OF_REFERENCE = "frame_of_reference"  # the only image series of its FrameOfReferenceUID
+    SHARED_FRAME = "same_study_frame"  # borrowed from another series of the same study and frame (roles)
+
+
+class DecisionStep(StrEnum):
+    """The step that decided a decision row (``selected`` for a selected one)."""
+
+    MODALITY = "modality"
+    QC = "qc"
+    ROLE = "role"
+    LINK = "link"
+    ROI = "roi"
+    PER_PATIENT = "per_patient"
+    SELECTED = "selected"
+
+
 DECISION_SCHEMA = pa.schema(
     [
         ("patient_id", pa.string()),
@@ -48,6 +93,24 @@ DECISION_SCHEMA = pa.schema(
         ("rtstruct_uid", pa.string()),
         ("selected", pa.bool_()),
         ("reason", pa.string()),
+        ("series_key", pa.string()),  # series_uid, or series_uid#part for a sub-series
+        ("part", pa.string()),
+        ("step", pa.string()),  # DecisionStep
+        ("annotation_modality", pa.string()),  # RTSTRUCT | SEG
+        ("link", pa.string()),  # LinkMethod
+        ("qc_passed", pa.bool_()),
+    ]
+)
+
+#: One row per structure set / segmentation: which series it was linked to, and how.
+LINK_SCHEMA = pa.schema(
+    [
+        ("annotation_uid", pa.string()),
+        ("annotation_modality", pa.string()),
+        ("annotation_path", pa.string()),
+        ("series_uid", pa.string()),  # null when it could not be linked
+        ("link", pa.string()),
+        ("note", pa.string()),
     ]
 )
 
@@ -62,7 +125,14 @@ class RoiSelection:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One image series with one RTSTRUCT and the ROIs to extract from it."""
+    """One image (sub-)series with one structure set and the ROIs to extract from it.
+
+    ``series_uid`` is the SeriesInstanceUID, or ``<SeriesInstanceUID>#<part>``
+    for a sub-series of a split series (``part`` then says which); it keys every
+    output row. ``rtstruct_*`` name the structure set, an RTSTRUCT or (see
+    ``annotation_modality``) a DICOM-SEG. ``read_policy`` is what
+    ``read_series`` may repair (from the ``qc.geometry`` spec).
+    """
 
     patient_id: str
     study_uid: str
@@ -76,10 +146,29 @@ class WorkItem:
     rois: tuple[RoiSelection, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     role: str | None = None
+    part: str = ""
+    annotation_modality: str = "RTSTRUCT"
+    link: str | None = None
+    read_policy: ReadPolicy = field(default_factory=ReadPolicy)
+    n_frames: int | None = None  # frames of an enhanced multi-frame object, when the index knows them
 
     @property
     def n_slices(self) -> int:
-        return len(self.image_paths)
+        return self.n_frames if self.n_frames else len(self.image_paths)
+
+    @property
+    def dicom_series_uid(self) -> str:
+        return self.series_uid.split("#", 1)[0]
+
+
+@dataclass(frozen=True)
+class CurationPlan:
+    """What curation decided: the work, one decision row per series x structure set, QC and links."""
+
+    items: tuple[WorkItem, ...]
+    decisions: pa.Table  # DECISION_SCHEMA
+    qc: pa.Table  # cohort.curate.qc.QC_SCHEMA
+    links: pa.Table  # LINK_SCHEMA
 
 
 def harmonise_roi_name(name: str, rois: Mapping[str, Sequence[str]]) -> str | None:
@@ -123,35 +212,154 @@ def _none_if_na(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[list[WorkItem], pa.Table]:
-    """Select image series and link each to its RTSTRUCT(s).
+def _uids(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return []
+    return [str(v) for v in value]
 
-    Returns the work items (one per series × RTSTRUCT) and the decision table
-    (one row per image series × RTSTRUCT considered, with the reason).
+
+@dataclass(frozen=True)
+class _Link:
+    annotation: pd.Series
+    method: LinkMethod
+    via: str = ""  # the series whose structure set was borrowed
+
+
+def link_annotations(
+    df: pd.DataFrame, selectable_series: pd.DataFrame
+) -> tuple[dict[str, list[_Link]], list[dict[str, Any]], dict[str, str]]:
+    """Tie each RTSTRUCT / SEG to image series: by referenced series, else by frame of reference.
+
+    Returns the links per series UID, one link-table row per annotation and
+    series (or per annotation left unlinked, with the reason), and notes per
+    series UID on annotations that could have been its own but were ambiguous.
     """
-    df = instances.to_pandas() if isinstance(instances, pa.Table) else instances
-    decisions: list[dict[str, Any]] = []
-    items: list[WorkItem] = []
-    if df.empty:
-        return items, pa.Table.from_pylist([], schema=DECISION_SCHEMA)
+    series_uids = set(selectable_series["series_uid"].astype(str))
+    by_frame: dict[str, set[str]] = {}
+    for uid, group in selectable_series.groupby("series_uid", sort=True):
+        frames = group["frame_of_reference_uid"].dropna()
+        if not frames.empty:
+            by_frame.setdefault(str(frames.iloc[0]), set()).add(str(uid))
+    links: dict[str, list[_Link]] = {}
+    rows: list[dict[str, Any]] = []
+    notes: dict[str, str] = {}
+    annotations = df[df["modality"].isin(list(ANNOTATION_MODALITIES))].sort_values("path")
+    for _, ann in annotations.iterrows():
+        base = {
+            "annotation_uid": ann["sop_instance_uid"],
+            "annotation_modality": ann["modality"],
+            "annotation_path": ann["path"],
+        }
+        refs = _uids(ann["referenced_series_uids"])
+        present = [r for r in refs if r in series_uids]
+        if present:
+            for ref in present:
+                links.setdefault(ref, []).append(_Link(ann, LinkMethod.REFERENCED_SERIES))
+                rows.append(
+                    {**base, "series_uid": ref, "link": LinkMethod.REFERENCED_SERIES.value, "note": None}
+                )
+            continue
+        missing = (
+            f"references series {', '.join(refs)}, not in the archive; " if refs else "references no series; "
+        )
+        frame = ann["frame_of_reference_uid"]
+        candidates = sorted(by_frame.get(str(frame), set())) if isinstance(frame, str) and frame else []
+        if len(candidates) == 1:
+            links.setdefault(candidates[0], []).append(_Link(ann, LinkMethod.FRAME_OF_REFERENCE))
+            rows.append(
+                {
+                    **base,
+                    "series_uid": candidates[0],
+                    "link": LinkMethod.FRAME_OF_REFERENCE.value,
+                    "note": missing + "linked by its frame of reference",
+                }
+            )
+            continue
+        if candidates:
+            why = f"{missing}its frame of reference holds {len(candidates)} image series: ambiguous"
+            for uid in candidates:
+                notes[uid] = f"{ann['modality']} {ann['sop_instance_uid']} {why}"
+        else:
+            why = missing + "no image series shares its frame of reference"
+        rows.append({**base, "series_uid": None, "link": None, "note": why})
+    return links, rows, notes
 
-    structs = df[df["modality"] == "RTSTRUCT"]
-    # Every series that is not an annotation gets a decision (an RTDOSE grid included).
+
+@dataclass
+class _Candidate:
+    """A (sub-)series x structure set that passed every step before the per-patient rule."""
+
+    row: dict[str, Any]
+    item: WorkItem
+    qc: SeriesQc
+
+
+def _rank(rule: str, qc: SeriesQc) -> tuple[float, ...]:
+    g = qc.geometry
+    thickness = g.slice_thickness or g.slice_spacing or float("inf")
+    pixel = g.pixel_spacing[0] * g.pixel_spacing[1] if g.pixel_spacing else float("inf")
+    if rule == "thinnest":
+        return (thickness, -g.n_slices, pixel)
+    return (-g.n_slices, thickness, pixel)
+
+
+def _describe_rank(rule: str, qc: SeriesQc) -> str:
+    g = qc.geometry
+    thickness = g.slice_thickness or g.slice_spacing
+    shown = f"{thickness:g} mm" if thickness is not None else "unknown thickness"
+    return f"{shown}, {g.n_slices} slices" if rule == "thinnest" else f"{g.n_slices} slices, {shown}"
+
+
+def _apply_per_patient(
+    rule: str, candidates: list[_Candidate]
+) -> tuple[list[_Candidate], list[dict[str, Any]]]:
+    """Keep, per patient (and role), the candidates of the best series; decision rows for the rest."""
+    if rule == "all":
+        return candidates, []
+    groups: dict[tuple[str, str | None], list[_Candidate]] = {}
+    for c in candidates:
+        groups.setdefault((c.item.patient_id, c.item.role), []).append(c)
+    kept: list[_Candidate] = []
+    dropped: list[dict[str, Any]] = []
+    for members in groups.values():
+        best = min(members, key=lambda c: (*_rank(rule, c.qc), c.item.series_uid))
+        keys = {c.item.series_uid for c in members}
+        for c in members:
+            if c.item.series_uid == best.item.series_uid:
+                if len(keys) > 1:
+                    c.row["reason"] += (
+                        f"; per_patient {rule}: chosen of {len(keys)} ({_describe_rank(rule, c.qc)})"
+                    )
+                kept.append(c)
+            else:
+                dropped.append(
+                    {
+                        **c.row,
+                        "selected": False,
+                        "step": DecisionStep.PER_PATIENT.value,
+                        "reason": f"per_patient {rule}: {best.item.series_uid} chosen "
+                        f"({_describe_rank(rule, best.qc)}; this one {_describe_rank(rule, c.qc)})",
+                    }
+                )
+    return kept, dropped
+
+
+def plan_cohort(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> CurationPlan:
+    """Split, check, link and select image series; see the module docstring for the steps."""
+    df = instances.to_pandas() if isinstance(instances, pa.Table) else instances
+    empty = CurationPlan(
+        (),
+        pa.Table.from_pylist([], schema=DECISION_SCHEMA),
+        qc_table([]),
+        pa.Table.from_pylist([], schema=LINK_SCHEMA),
+    )
+    if df.empty:
+        return empty
+
+    accepted = accepted_modalities(spec)
     images = df[~df["modality"].isin(list(ANNOTATION_MODALITIES))]
-    links: dict[str, list[pd.Series]] = {}
-    image_series_by_for: dict[str, set[str]] = {}
-    selectable = images[images["modality"] == spec.selection.modality]
-    for series_uid, group in selectable.groupby("series_uid", sort=True):
-        for_uid = group["frame_of_reference_uid"].dropna()
-        if not for_uid.empty:
-            image_series_by_for.setdefault(str(for_uid.iloc[0]), set()).add(str(series_uid))
-    for _, rs in structs.sort_values("path").iterrows():
-        refs = list(rs["referenced_series_uids"]) if rs["referenced_series_uids"] is not None else []
-        if not refs and rs["frame_of_reference_uid"]:
-            candidates = image_series_by_for.get(str(rs["frame_of_reference_uid"]), set())
-            refs = sorted(candidates) if len(candidates) == 1 else []
-        for ref in refs:
-            links.setdefault(str(ref), []).append(rs)
+    selectable = images[images["modality"].isin(list(accepted))]
+    links, link_rows, link_notes = link_annotations(df, selectable)
 
     roles = spec.selection.roles
     borrowed: dict[str, str] = {}
@@ -166,84 +374,181 @@ def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[lis
             for other_uid, other in firsts.iterrows():
                 same_frame = other["frame_of_reference_uid"] == first["frame_of_reference_uid"]
                 if other_uid != series_uid and other["study_uid"] == first["study_uid"] and same_frame:
-                    for rs in links.get(str(other_uid), []):
-                        links.setdefault(str(series_uid), []).append(rs)
+                    for link in links.get(str(other_uid), []):
+                        links.setdefault(str(series_uid), []).append(
+                            _Link(link.annotation, LinkMethod.SHARED_FRAME, str(other_uid))
+                        )
                         borrowed[str(series_uid)] = str(other_uid)
 
+    policy = read_policy(spec.qc)
+    tolerances = geometry_tolerances(spec.qc)
     pattern = re.compile(spec.selection.require_roi)
+    decisions: list[dict[str, Any]] = []
+    qc_records: list[SeriesQc] = []
+    candidates: list[_Candidate] = []
     for series_uid, group in images.groupby("series_uid", sort=True):
         group = group.sort_values("path")
         first = group.iloc[0]
-        base = {
-            "patient_id": first["patient_id"],
-            "study_uid": first["study_uid"],
-            "series_uid": series_uid,
-            "modality": first["modality"],
-            "n_instances": len(group),
-            "rtstruct_uid": None,
+        modality_ok = first["modality"] in accepted
+        split = split_series(
+            group,
+            series_uid=str(series_uid),
+            tolerances=tolerances,
+            split=modality_ok and spec.qc.geometry.split,
+        )
+        for part in split.parts:
+            rows = group[group["path"].isin(set(part.paths))]
+            qc = check_series_quality(rows, part.geometry, spec, series_key=part.key, part=part.part)
+            qc_records.append(qc)
+            decisions_part, candidates_part = _decide(
+                part, rows, qc, spec, links.get(str(series_uid), []), borrowed, link_notes, pattern, policy
+            )
+            decisions += decisions_part
+            candidates += candidates_part
+
+    kept, dropped = _apply_per_patient(spec.selection.per_patient, candidates)
+    decisions += dropped
+    decisions += [c.row for c in kept]
+    decisions.sort(key=lambda r: (str(r["series_key"]), str(r["rtstruct_uid"] or "")))
+    order = {id(c): i for i, c in enumerate(candidates)}
+    items = tuple(c.item for c in sorted(kept, key=lambda c: order[id(c)]))
+    return CurationPlan(
+        items,
+        pa.Table.from_pylist(decisions, schema=DECISION_SCHEMA),
+        qc_table(qc_records),
+        pa.Table.from_pylist(link_rows, schema=LINK_SCHEMA),
+    )
+
+
+def _decide(
+    part: SubSeries,
+    rows: pd.DataFrame,
+    qc: SeriesQc,
+    spec: CohortSpec,
+    linked: list[_Link],
+    borrowed: Mapping[str, str],
+    link_notes: Mapping[str, str],
+    pattern: re.Pattern[str],
+    policy: ReadPolicy,
+) -> tuple[list[dict[str, Any]], list[_Candidate]]:
+    """Decision rows (not selected) and candidates (selected so far) for one (sub-)series."""
+    first = rows.iloc[0]
+    series_uid = part.series_uid
+    prefix = f"sub-series {part.part} ({part.reason}); " if part.part else ""
+    base = {
+        "patient_id": first["patient_id"],
+        "study_uid": first["study_uid"],
+        "series_uid": series_uid,
+        "modality": first["modality"],
+        "n_instances": len(rows),
+        "rtstruct_uid": None,
+        "series_key": part.key,
+        "part": part.part or None,
+        "annotation_modality": None,
+        "link": None,
+        "qc_passed": qc.passed,
+    }
+
+    def refuse(step: DecisionStep, reason: str, **extra: Any) -> dict[str, Any]:
+        return {**base, **extra, "selected": False, "step": step.value, "reason": prefix + reason}
+
+    accepted = accepted_modalities(spec)
+    if first["modality"] not in accepted:
+        return [
+            refuse(DecisionStep.MODALITY, f"modality {first['modality']} is not {' or '.join(accepted)}")
+        ], []
+    if not qc.passed:
+        return [refuse(DecisionStep.QC, f"QC failed: {qc.reason}")], []
+    roles = spec.selection.roles
+    role = series_role(first["series_description"], roles)
+    if roles and role is None:
+        return [
+            refuse(
+                DecisionStep.ROLE,
+                f"series description {first['series_description']!r} matches no role ({', '.join(roles)})",
+            )
+        ], []
+    if not linked:
+        note = f" ({link_notes[series_uid]})" if series_uid in link_notes else ""
+        return [refuse(DecisionStep.LINK, f"no RTSTRUCT references this series{note}")], []
+
+    rejected: list[dict[str, Any]] = []
+    candidates: list[_Candidate] = []
+    n_frames = None
+    if "number_of_frames" in rows and rows["number_of_frames"].notna().any():
+        frames = int(rows["number_of_frames"].fillna(1).sum())
+        n_frames = frames if frames > len(rows) else None
+    for link in linked:
+        ann = link.annotation
+        kind = str(ann["modality"])
+        names = _uids(ann["roi_names"])
+        chosen = []
+        for name in names:
+            canonical = harmonise_roi_name(name, spec.rois)
+            if canonical is not None:
+                chosen.append(RoiSelection(name, canonical))
+        extra = {
+            "rtstruct_uid": ann["sop_instance_uid"],
+            "annotation_modality": kind,
+            "link": link.method.value,
         }
-        if first["modality"] != spec.selection.modality:
-            decisions.append(
-                {
-                    **base,
-                    "selected": False,
-                    "reason": f"modality {first['modality']} is not {spec.selection.modality}",
-                }
-            )
-            continue
-        role = series_role(first["series_description"], roles)
-        if roles and role is None:
-            decisions.append(
-                {
-                    **base,
-                    "selected": False,
-                    "reason": f"series description {first['series_description']!r} matches no role "
-                    f"({', '.join(roles)})",
-                }
-            )
-            continue
-        linked = links.get(str(series_uid), [])
-        if not linked:
-            decisions.append({**base, "selected": False, "reason": "no RTSTRUCT references this series"})
-            continue
-        for rs in linked:
-            names = list(rs["roi_names"]) if rs["roi_names"] is not None else []
-            chosen = []
-            for name in names:
-                canonical = harmonise_roi_name(name, spec.rois)
-                if canonical is not None:
-                    chosen.append(RoiSelection(name, canonical))
-            row = {**base, "rtstruct_uid": rs["sop_instance_uid"]}
-            if not any(pattern.fullmatch(r.canonical) for r in chosen):
-                decisions.append(
-                    {
-                        **row,
-                        "selected": False,
-                        "reason": f"RTSTRUCT has no ROI harmonised to {spec.selection.require_roi!r} "
-                        f"(ROIs: {', '.join(names) or 'none'})",
-                    }
-                )
-                continue
-            reason = "ROIs " + ", ".join(f"{r.source_name} -> {r.canonical}" for r in chosen)
-            if role is not None:
-                reason = f"role {role}; " + reason
-            if str(series_uid) in borrowed:
-                reason += f"; contours of the structure set on series {borrowed[str(series_uid)]}"
-            decisions.append({**row, "selected": True, "reason": reason})
-            items.append(
-                WorkItem(
-                    patient_id=str(first["patient_id"]),
-                    study_uid=str(first["study_uid"]),
-                    series_uid=str(series_uid),
-                    modality=str(first["modality"]),
-                    image_paths=tuple(group["path"]),
-                    image_hash=series_hash(list(group["sop_instance_uid"]), list(group["sha256"])),
-                    rtstruct_path=str(rs["path"]),
-                    rtstruct_uid=str(rs["sop_instance_uid"]),
-                    rtstruct_hash=str(rs["sha256"]),
-                    rois=tuple(chosen),
-                    metadata={key: _none_if_na(first[key]) for key in METADATA_COLUMNS},
-                    role=role,
+        if not any(pattern.fullmatch(r.canonical) for r in chosen):
+            rejected.append(
+                refuse(
+                    DecisionStep.ROI,
+                    f"{kind} has no ROI harmonised to {spec.selection.require_roi!r} "
+                    f"(ROIs: {', '.join(names) or 'none'})",
+                    **extra,
                 )
             )
-    return items, pa.Table.from_pylist(decisions, schema=DECISION_SCHEMA)
+            continue
+        reason = "ROIs " + ", ".join(f"{r.source_name} -> {r.canonical}" for r in chosen)
+        if role is not None:
+            reason = f"role {role}; " + reason
+        if link.method == LinkMethod.SHARED_FRAME:
+            reason += f"; contours of the structure set on series {link.via or borrowed.get(series_uid)}"
+        elif link.method == LinkMethod.FRAME_OF_REFERENCE:
+            reason += f"; {kind} linked by its frame of reference (it references no series of the archive)"
+        if kind != "RTSTRUCT":
+            reason += f"; from a {kind}"
+        if not qc.geometry.healthy:
+            reason += f"; geometry: {qc.geometry.describe()}"
+        row = {
+            **base,
+            **extra,
+            "selected": True,
+            "step": DecisionStep.SELECTED.value,
+            "reason": prefix + reason,
+        }
+        item = WorkItem(
+            patient_id=str(first["patient_id"]),
+            study_uid=str(first["study_uid"]),
+            series_uid=part.key,
+            modality=str(first["modality"]),
+            image_paths=tuple(rows["path"]),
+            image_hash=series_hash(list(rows["sop_instance_uid"]), list(rows["sha256"])),
+            rtstruct_path=str(ann["path"]),
+            rtstruct_uid=str(ann["sop_instance_uid"]),
+            rtstruct_hash=str(ann["sha256"]),
+            rois=tuple(chosen),
+            metadata={key: _none_if_na(first[key]) for key in METADATA_COLUMNS},
+            role=role,
+            part=part.part,
+            annotation_modality=kind,
+            link=link.method.value,
+            read_policy=policy,
+            n_frames=n_frames,
+        )
+        candidates.append(_Candidate(row, item, qc))
+    return rejected, candidates
+
+
+def plan_work(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> tuple[list[WorkItem], pa.Table]:
+    """Select image series and link each to its RTSTRUCT(s).
+
+    Returns the work items (one per (sub-)series x structure set) and the
+    decision table (one row per image (sub-)series x structure set considered,
+    with the reason). :func:`plan_cohort` also gives the QC and link tables.
+    """
+    plan = plan_cohort(instances, spec)
+    return list(plan.items), plan.decisions

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cohort.curate.rtstruct import rasterise_contours, rasterise_rtstruct, read_roi_infos
+from cohort.curate.rtstruct import RoiInfo, RoiKind, rasterise_contours, rasterise_rtstruct, read_roi_infos
 from cohort.errors import RTStructError
 
 
@@ -95,7 +95,10 @@ def test_real_gtv_mask_is_bit_identical_to_the_reference_mask(
     ref = lung1_reference.loc[patient]
     assert roi.voxel_count == int(ref["diagnostics_Mask-original_VoxelNum"])
     array = sitk.GetArrayViewFromImage(roi.mask).astype(np.int32)  # the reference mask was int32
-    assert hashlib.sha1(np.ascontiguousarray(array)).hexdigest() == ref["diagnostics_Mask-original_Hash"]
+    assert (
+        hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+        == ref["diagnostics_Mask-original_Hash"]
+    )
 
 
 def test_point_rois_are_skipped_with_a_note_and_refused_as_masks(lung1_archive: Path) -> None:
@@ -107,3 +110,14 @@ def test_point_rois_are_skipped_with_a_note_and_refused_as_masks(lung1_archive: 
     assert infos["Lung L"].geometric_types == ("CLOSED_PLANAR",)
     with pytest.raises(RTStructError, match="POINT skipped"):
         rasterise_rtstruct(rs, infos["Isocenter 6"].number, read_series(ct))
+
+
+def test_point_and_empty_rois_say_why_they_give_no_mask(lung1_archive: Path) -> None:
+    _, rs = _lung1(lung1_archive, "LUNG1-001")
+    infos = {r.name: r for r in read_roi_infos(rs)}
+    assert infos["GTV-1"].kind == RoiKind.VOLUME and infos["GTV-1"].skip_note is None
+    assert infos["Isocenter 6"].kind == RoiKind.POINT
+    assert infos["Isocenter 6"].skip_note == "ROI 'Isocenter 6' is a POINT ROI (e.g. an isocentre); skipped"
+    empty = RoiInfo(99, "Empty", (), 0)
+    assert empty.kind == RoiKind.EMPTY and empty.skip_note == "ROI 'Empty' has no contours; skipped"
+    assert RoiInfo(7, "Line", ("OPEN_PLANAR",), 2).kind == RoiKind.OTHER

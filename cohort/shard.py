@@ -26,7 +26,7 @@ import pydicom
 import cohort
 from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
 from cohort.curate.select import METADATA_COLUMNS, WorkItem
-from cohort.curate.series import read_series
+from cohort.curate.series import assemble_series
 from cohort.errors import CohortError, RadiomicsError, RTStructError, Stage
 from cohort.radiomics.extract import extract_features
 from cohort.radiomics.perturb import perturb
@@ -256,7 +256,8 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
     series_dir = item.image_paths[0].rsplit("/", 1)[0] if item.image_paths else ""
     try:
         with clock.time("read_series"):
-            image = read_series(item.image_paths, series_uid=item.series_uid)
+            volume = assemble_series(item.image_paths, series_uid=item.series_uid, policy=item.read_policy)
+            image = volume.image
     except Exception as exc:  # any failure here fails the whole case, recorded per ROI
         return ItemResult(
             failures=[
@@ -325,7 +326,8 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
         except Exception as exc:
             fail(exc, roi.source_name, Stage.MASK)
             continue
-        notes = "; ".join(roi_mask.notes) or None
+        # What the reader did to the image (resampled an irregular stack, ...) travels with every row.
+        notes = "; ".join([*(f"image: {action}" for action in volume.actions), *roi_mask.notes]) or None
         targets = [(roi.canonical, roi.source_name, roi_mask.mask, roi_mask.voxel_count, notes)]
         rule = settings.subvolume_rule(roi.canonical)
         if rule is not None:

@@ -327,6 +327,14 @@ class CohortSpec(_Model):
         settings: dict[str, Any] = {"pyradiomics": self.radiomics_params(), "crop": self.radiomics.crop}
         if self.radiomics.interpolation != "pyradiomics":  # keeps existing feature-set names
             settings["interpolation"] = self.radiomics.interpolation
+        geometry = self.qc.geometry
+        repairs = {
+            "irregular_spacing": geometry.irregular_spacing,
+            "gantry_tilt": geometry.gantry_tilt,
+            "duplicate_positions": geometry.duplicate_positions,
+        }
+        if repairs != {"irregular_spacing": "refuse", "gantry_tilt": "refuse", "duplicate_positions": "refuse"}:
+            settings["geometry_repairs"] = repairs  # repaired images have other voxel values
         return settings
 
 

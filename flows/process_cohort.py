@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from cohort.analysis.stability import IccForm, feature_icc
-from cohort.curate.select import WorkItem, plan_work
+from cohort.curate.select import WorkItem, plan_cohort
 from cohort.errors import Stage
 from cohort.index.crawl import concat_index, index_files, iter_chunks, list_archive
 from cohort.radiomics.extract import feature_set_name
@@ -223,8 +223,11 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     )
 
     # 2. Select series and link structure sets (index only, no pixel reads).
-    items, decisions = plan_work(instances, cohort_spec)
+    plan = plan_cohort(instances, cohort_spec)
+    items, decisions = list(plan.items), plan.decisions
     write_table_atomic(decisions, layout.run_dir(run_id) / "selection.parquet")
+    write_table_atomic(plan.qc, layout.run_dir(run_id) / "qc.parquet")
+    write_table_atomic(plan.links, layout.run_dir(run_id) / "links.parquet")
     params = cohort_spec.radiomics_params()
     digest = settings_hash(cohort_spec.feature_settings())
     feature_set = feature_set_name(digest)

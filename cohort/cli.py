@@ -155,6 +155,7 @@ def _print_summary(summary: Any, console: Any) -> None:
         ("cases failed", str(summary.cases_failed)),
         ("cases already in store", str(summary.cases_skipped)),
         ("feature rows written", str(summary.rows_written)),
+        ("feature rows replaced (inputs changed)", str(summary.rows_replaced)),
         ("failure rows", str(summary.failures)),
         ("feature set", summary.feature_set),
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,24 +18,34 @@ def _only_itself(source: str, canonical: str) -> list[str]:
 
 def remaining_work(
     items: Sequence[WorkItem],
-    done: set[tuple[str, ...]],
+    done: Mapping[tuple[str, ...], tuple[str, ...]] | set[tuple[str, ...]],
     keys_of: Callable[[str, str], list[str]] = _only_itself,
 ) -> tuple[list[WorkItem], int]:
-    """Drop ROIs whose (series, RTSTRUCT, ROI) rows are all in the store already.
+    """Drop ROIs whose (series, RTSTRUCT, ROI) rows are in the store already, made from the same inputs.
 
-    ``keys_of(source name, canonical name)`` lists the ``roi_source`` keys an
-    RTSTRUCT ROI produces (itself, and its sub-volumes when configured). Returns
-    the items still to process (with only their unfinished ROIs) and the number
-    of ROIs skipped because they are done.
+    ``done`` maps each stored key to its input content hashes (``image_hash``,
+    ``rtstruct_hash``; empty when unknown). A ROI whose stored row was made from
+    other inputs (a slice added or replaced, a contour edited) is redone, and its
+    new row replaces the old one. ``keys_of(source name, canonical name)`` lists
+    the ``roi_source`` keys an RTSTRUCT ROI produces (itself, and its sub-volumes
+    when configured). Returns the items still to process (with only their
+    unfinished ROIs) and the number of ROIs skipped because they are done.
     """
+    versions = done if isinstance(done, Mapping) else dict.fromkeys(done, ())
     todo: list[WorkItem] = []
     skipped = 0
     for item in items:
+        current = (item.image_hash, item.rtstruct_hash)
+
+        def is_done(key: tuple[str, ...], current: tuple[str, str] = current) -> bool:
+            stored = versions.get(key)
+            return stored is not None and (not stored or tuple(stored) == current)
+
         missing = tuple(
             r
             for r in item.rois
-            if any(
-                (item.series_uid, item.rtstruct_uid, key) not in done
+            if not all(
+                is_done((item.series_uid, item.rtstruct_uid, key))
                 for key in keys_of(r.source_name, r.canonical)
             )
         )
@@ -65,6 +75,7 @@ class RunSummary:
     failures: int
     shards: int
     seconds: dict[str, float] = field(default_factory=dict)
+    rows_replaced: int = 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

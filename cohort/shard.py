@@ -34,6 +34,8 @@ from cohort.radiomics.subvolumes import split_solid
 
 #: Key columns of a feature row: one row per (series, RTSTRUCT, ROI) and feature set.
 KEY_COLUMNS = ("series_uid", "rtstruct_uid", "roi_source")
+#: Input content hashes of a row: a stored row with other values is stale and is replaced.
+VERSION_COLUMNS = ("image_hash", "rtstruct_hash")
 
 _str, _f64 = pa.string(), pa.float64()
 FEATURE_KEY_SCHEMA = pa.schema(

@@ -31,6 +31,7 @@ from cohort.shard import (
     FAILURE_SCHEMA,
     KEY_COLUMNS,
     STABILITY_KEY_SCHEMA,
+    VERSION_COLUMNS,
     ShardSettings,
     StabilitySettings,
     SubvolumeRule,
@@ -70,6 +71,7 @@ def process_shard_task(items: list[WorkItem], settings: ShardSettings, store: st
         "items": len(items),
         "cases_ok": sum(1 for i in items if i.series_uid in ok_series),
         "rows": written.rows_written,
+        "replaced": written.rows_replaced,
         "failures": result.failures.num_rows,
         "seconds": dict(result.seconds),
     }
@@ -156,6 +158,7 @@ def _attach_artifacts(summary: RunSummary, layout: StoreLayout) -> None:
         "cases failed": summary.cases_failed,
         "cases already in store": summary.cases_skipped,
         "feature rows written": summary.rows_written,
+        "feature rows replaced (inputs changed)": summary.rows_replaced,
         "failure rows": summary.failures,
         "files quarantined": summary.files_quarantined,
         "feature table": summary.feature_table,
@@ -179,7 +182,7 @@ def _attach_artifacts(summary: RunSummary, layout: StoreLayout) -> None:
 def compact_if_fragmented(table: FeatureTable, key_columns: Sequence[str], logger: Any) -> None:
     """Compact a table holding many small parts (reads then parse one footer instead of hundreds)."""
     if table.exists() and table.part_count() > COMPACT_AFTER_PARTS:
-        result = table.compact(key_columns)
+        result = table.compact(key_columns, version_columns=VERSION_COLUMNS)
         logger.info("compacted %s: %d parts -> 1 (%d rows)", table.url, result.parts_before, result.rows)
 
 
@@ -232,7 +235,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     digest = settings_hash(cohort_spec.feature_settings())
     feature_set = feature_set_name(digest)
     settings = shard_settings(cohort_spec, params, digest, feature_set, run_id)
-    done = open_table(layout.features(feature_set)).keys(KEY_COLUMNS)
+    done = open_table(layout.features(feature_set)).key_versions(KEY_COLUMNS, VERSION_COLUMNS)
     todo, rows_skipped = remaining_work(
         items, done, lambda source, canonical: roi_keys(source, canonical, settings.subvolumes)
     )
@@ -253,7 +256,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     report("process", 0, len(todo))
     shard_task = process_shard_task.with_options(retries=executor.retries)
     pending = {shard_task.submit(shard, settings, layout.root.url): shard for shard in shards}
-    cases_done = cases_ok = rows = failures = 0
+    cases_done = cases_ok = rows = replaced = failures = 0
     stage_seconds: dict[str, float] = {}
     for shard_future in as_completed(list(pending)):
         shard = pending[shard_future]
@@ -267,6 +270,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             cases_ok += outcome["cases_ok"]
             rows += outcome["rows"]
+            replaced += outcome["replaced"]
             failures += outcome["failures"]
             add_seconds(stage_seconds, outcome["seconds"].items())
         cases_done += len(shard)
@@ -297,6 +301,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         cases_failed=len(todo) - cases_ok,
         cases_skipped=len(items) - len(todo),
         rows_written=rows,
+        rows_replaced=replaced,
         rows_skipped=rows_skipped,
         failures=failures,
         shards=len(shards),

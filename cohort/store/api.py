@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from cohort.errors import StoreError
-from cohort.shard import KEY_COLUMNS
+from cohort.shard import KEY_COLUMNS, VERSION_COLUMNS
 from cohort.store.layout import StoreLayout
 from cohort.store.location import Location
 from cohort.store.objects import FeatureTable, open_table
@@ -149,7 +149,7 @@ class Store:
 
     def compact(self, table: str | None = None) -> CompactResult:
         """Rewrite a feature table as one part (atomically; see :mod:`cohort.store.table`)."""
-        return self._table(table).compact(KEY_COLUMNS)
+        return self._table(table).compact(KEY_COLUMNS, version_columns=VERSION_COLUMNS)
 
 
 def open_store(root: str | os.PathLike[str] | Location) -> Store:

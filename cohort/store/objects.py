@@ -41,7 +41,17 @@ import pyarrow.parquet as pq
 from cohort.errors import StoreError
 from cohort.store.location import Location
 from cohort.store.parquet import parquet_bytes, part_name
-from cohort.store.table import AppendResult, CompactResult, TableDir, deduplicate, key_strings, key_tuples
+from cohort.store.table import (
+    AppendResult,
+    CompactResult,
+    TableDir,
+    classify,
+    deduplicate,
+    key_strings,
+    key_tuples,
+    key_versions,
+    present_columns,
+)
 
 #: Attempts to win a commit before giving up (each loses only to a concurrent commit).
 MAX_COMMIT_ATTEMPTS = 64
@@ -92,7 +102,7 @@ class ObjectTable:
         self.folder = where.parent
         self.log = self.folder / f".{where.name}.log"
         self.staging = self.folder / f".{where.name}.staging"
-        self._keys_cache: dict[str, list[tuple[str, ...]]] = {}
+        self._keys_cache: dict[tuple[str, tuple[str, ...]], dict[tuple[str, ...], tuple[str, ...]]] = {}
 
     @property
     def url(self) -> str:
@@ -115,11 +125,12 @@ class ObjectTable:
     def _object(self, relative: str) -> Location:
         return self.folder / relative
 
-    def _stage(self, table: pa.Table, key_columns: Sequence[str], name: str) -> Part:
+    def _stage(self, table: pa.Table, side_columns: Sequence[str], name: str) -> Part:
         batch = f"{self.staging.name}/{uuid.uuid4().hex}"
         data, keys = f"{batch}/{name}", f"{batch}/keys-{name}"
         self._object(data).write_bytes_atomic(parquet_bytes(table))
-        self._object(keys).write_bytes_atomic(parquet_bytes(table.select(list(key_columns))))
+        side = table.select(present_columns(table, side_columns))
+        self._object(keys).write_bytes_atomic(parquet_bytes(side))
         return Part(data, keys, table.num_rows)
 
     # -- reading ----------------------------------------------------------------
@@ -145,45 +156,89 @@ class ObjectTable:
         return None if dataset is None else dataset.to_table(columns=list(columns) if columns else None)
 
     def keys(self, key_columns: Sequence[str], commit: Commit | None = None) -> set[tuple[str, ...]]:
+        return {key for keys in self.part_keys(key_columns, (), commit).values() for key in keys}
+
+    def key_versions(
+        self, key_columns: Sequence[str], version_columns: Sequence[str]
+    ) -> dict[tuple[str, ...], tuple[str, ...]]:
+        merged: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for keys in self.part_keys(key_columns, version_columns).values():
+            merged.update(keys)
+        return merged
+
+    def part_keys(
+        self, key_columns: Sequence[str], version_columns: Sequence[str] = (), commit: Commit | None = None
+    ) -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
+        """Per live part, its keys and their version columns (from its key object; parts are immutable)."""
         state = commit or self.latest()
-        present: set[tuple[str, ...]] = set()
+        found = {}
         for name, part in state.parts.items():
-            if name not in self._keys_cache:
+            cache_key = (name, tuple(version_columns))
+            if cache_key not in self._keys_cache:
                 keys = pq.read_table(self._object(part.keys).path, filesystem=self.where.fs)
-                self._keys_cache[name] = key_tuples(keys, key_columns)
-            present.update(self._keys_cache[name])
-        return present
+                self._keys_cache[cache_key] = key_versions(keys, key_columns, version_columns)
+            found[name] = self._keys_cache[cache_key]
+        return found
 
     # -- writing ----------------------------------------------------------------
-    def append(self, table: pa.Table, key_columns: Sequence[str]) -> AppendResult:
-        """Commit the rows of ``table`` whose key is not committed yet."""
+    def append(
+        self, table: pa.Table, key_columns: Sequence[str], version_columns: Sequence[str] = ()
+    ) -> AppendResult:
+        """Commit the rows of ``table`` whose key is not committed yet.
+
+        With ``version_columns``, a row whose key is committed with other versions
+        replaces it: the same commit swaps the parts holding those keys for
+        rewritten ones (the old names are retired).
+        """
         if table.num_rows == 0:
             return AppendResult(0, 0, None)
         keys = key_tuples(table, key_columns)
         if len(set(keys)) != len(keys):
             raise StoreError("rows to append repeat a key", subject=self.url)
+        side_columns = [*key_columns, *version_columns]
         staged: tuple[str, Part] | None = None
         for attempt in range(MAX_COMMIT_ATTEMPTS):
             state = self.latest()
-            present = self.keys(key_columns, state)
-            keep = [k not in present for k in keys]
-            new = table.filter(pa.array(keep))
+            by_part = self.part_keys(key_columns, version_columns, state)
+            present = {k: v for keys_of_part in by_part.values() for k, v in keys_of_part.items()}
+            write, replaced = classify(table, key_columns, version_columns, present)
+            new = table.filter(pa.array(write))
             if new.num_rows == 0:
                 self.publish()
                 return AppendResult(0, table.num_rows, None)
-            name = part_name("\x1f".join(k) for k, kept in zip(keys, keep, strict=True) if kept)
+            name = part_name("\x1f".join(k) for k, kept in zip(keys, write, strict=True) if kept)
             if staged is None or staged[0] != name:
-                staged = (name, self._stage(new, key_columns, name))
-            parts = {**state.parts, name: staged[1]}
-            if self._commit(Commit(state.version + 1, parts, state.retired, "append")):
+                staged = (name, self._stage(new, side_columns, name))
+            parts, retired = dict(state.parts), dict(state.retired)
+            for old_name, old_keys in by_part.items():
+                if replaced.intersection(old_keys):
+                    del parts[old_name]
+                    retired[old_name] = time.time()
+                    rows = pq.read_table(
+                        self._object(state.parts[old_name].data).path, filesystem=self.where.fs
+                    )
+                    kept = rows.filter(pa.array([k not in replaced for k in key_tuples(rows, key_columns)]))
+                    if kept.num_rows:
+                        kept_name = part_name(key_strings(kept, key_columns))
+                        parts[kept_name] = self._stage(kept, side_columns, kept_name)
+            parts[name] = staged[1]
+            if self._commit(Commit(state.version + 1, parts, retired, "append")):
                 self.publish()
-                return AppendResult(new.num_rows, table.num_rows - new.num_rows, (self.where / name).url)
+                written = new.num_rows - len(replaced)
+                return AppendResult(
+                    written, table.num_rows - new.num_rows, (self.where / name).url, len(replaced)
+                )
             _backoff(attempt)
         raise StoreError(
             f"no commit won in {MAX_COMMIT_ATTEMPTS} attempts (too many writers?)", subject=self.url
         )
 
-    def compact(self, key_columns: Sequence[str], order_by: str | None = "processed_at") -> CompactResult:
+    def compact(
+        self,
+        key_columns: Sequence[str],
+        order_by: str | None = "processed_at",
+        version_columns: Sequence[str] = (),
+    ) -> CompactResult:
         """Replace all live parts by one (one row per key, the latest by ``order_by``)."""
         for attempt in range(MAX_COMMIT_ATTEMPTS):
             state = self.latest()
@@ -193,7 +248,7 @@ class ObjectTable:
             before = table.num_rows
             table = deduplicate(table, key_columns, order_by)
             name = part_name(key_strings(table, key_columns))
-            part = self._stage(table, key_columns, name)
+            part = self._stage(table, [*key_columns, *version_columns], name)
             now = time.time()
             retired = {n: t for n, t in state.retired.items() if now - t < RETIRED_KEEP_SECONDS}
             retired.update({n: now for n in state.parts if n != name})

@@ -55,6 +55,7 @@ class AppendResult:
     written: int
     skipped_existing: int
     path: str | None
+    replaced: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,47 @@ class CompactResult:
 def key_tuples(table: pa.Table, key_columns: Sequence[str]) -> list[tuple[str, ...]]:
     columns = [table.column(c).cast(pa.string()).fill_null("").to_pylist() for c in key_columns]
     return list(zip(*columns, strict=True))
+
+
+def present_columns(table: pa.Table | pa.Schema, columns: Sequence[str]) -> list[str]:
+    names = table.names if isinstance(table, pa.Schema) else table.column_names
+    return [c for c in columns if c in names]
+
+
+def key_versions(
+    table: pa.Table, key_columns: Sequence[str], version_columns: Sequence[str]
+) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Key -> the values of its version columns (input content hashes): what decides "changed"."""
+    versions = key_tuples(table, present_columns(table, version_columns)) if version_columns else None
+    keys = key_tuples(table, key_columns)
+    if not versions or not versions[0]:
+        return {k: () for k in keys}
+    return dict(zip(keys, versions, strict=True))
+
+
+def classify(
+    incoming: pa.Table,
+    key_columns: Sequence[str],
+    version_columns: Sequence[str],
+    present: dict[tuple[str, ...], tuple[str, ...]],
+) -> tuple[list[bool], set[tuple[str, ...]]]:
+    """Which incoming rows to write (new keys, and keys whose inputs changed) and which keys they replace.
+
+    A stored row whose version columns are unknown (written before they were kept)
+    counts as unchanged.
+    """
+    incoming_versions = key_versions(incoming, key_columns, version_columns)
+    write, replaced = [], set()
+    for key, version in incoming_versions.items():
+        stored = present.get(key)
+        if stored is None:
+            write.append(True)
+        elif stored and version and stored != version:
+            write.append(True)
+            replaced.add(key)
+        else:
+            write.append(False)
+    return write, replaced
 
 
 def key_strings(table: pa.Table, key_columns: Sequence[str]) -> list[str]:
@@ -146,41 +188,120 @@ class TableDir:
         return None if dataset is None else dataset.to_table(columns=list(columns) if columns else None)
 
     def keys(self, key_columns: Sequence[str]) -> set[tuple[str, ...]]:
-        """Keys present, from each part's narrow key file (``v<N>.keys/``) where it has one.
+        """Keys present (see :meth:`part_keys`)."""
+        return {key for keys in self.part_keys(key_columns).values() for key in keys}
+
+    def key_versions(
+        self, key_columns: Sequence[str], version_columns: Sequence[str]
+    ) -> dict[tuple[str, ...], tuple[str, ...]]:
+        """Key -> its version columns (input content hashes), over all parts."""
+        merged: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for keys in self.part_keys(key_columns, version_columns).values():
+            merged.update(keys)
+        return merged
+
+    def part_keys(
+        self, key_columns: Sequence[str], version_columns: Sequence[str] = ()
+    ) -> dict[Path, dict[tuple[str, ...], tuple[str, ...]]]:
+        """Per part, its keys and their version columns, from the part's narrow key file (``v<N>.keys/``).
 
         Reading the key columns of a wide part parses its whole footer (~6 ms for
         1,200 features); the key files keep an append's look-up cheap. A part
-        without a key file (a writer died between the two writes) is read directly.
+        without a key file (a writer died between the two writes), or whose key
+        file predates the version columns, is read directly.
         """
-        present: set[tuple[str, ...]] = set()
+        found = {}
         for part in self.parts():
             side = _keys_folder(part.parent) / part.name
-            source = side if side.exists() else part
-            present.update(key_tuples(pq.read_table(source, columns=list(key_columns)), key_columns))
-        return present
+            wanted = [*key_columns, *version_columns]
+            source = part
+            if side.exists() and set(wanted) <= set(pq.read_schema(side).names):
+                source = side
+            schema = pq.read_schema(source)
+            table = pq.read_table(source, columns=present_columns(schema, wanted))
+            found[part] = key_versions(table, key_columns, version_columns)
+        return found
 
     # -- writing ----------------------------------------------------------------
-    def append(self, table: pa.Table, key_columns: Sequence[str]) -> AppendResult:
-        """Add the rows of ``table`` whose key is not in the table yet."""
+    def append(
+        self, table: pa.Table, key_columns: Sequence[str], version_columns: Sequence[str] = ()
+    ) -> AppendResult:
+        """Add the rows of ``table`` whose key is not in the table yet.
+
+        With ``version_columns`` (the input content hashes), a row whose key is
+        present with other versions replaces the stored row: the table moves to a
+        new version folder in one link swap (untouched parts hard-linked, parts
+        holding replaced keys rewritten without them), so a reader never sees both.
+        """
         if table.num_rows == 0:
             return AppendResult(0, 0, None)
         keys = key_tuples(table, key_columns)
         if len(set(keys)) != len(keys):
             raise StoreError("rows to append repeat a key", subject=str(self.path))
+        side_columns = [*key_columns, *present_columns(table, version_columns)]
         with self.lock():
             folder = self.current()
-            present = self.keys(key_columns)
-            keep = [k not in present for k in keys]
-            new = table.filter(pa.array(keep))
+            by_part = self.part_keys(key_columns, version_columns)
+            present = {k: v for keys_of_part in by_part.values() for k, v in keys_of_part.items()}
+            write, replaced = classify(table, key_columns, version_columns, present)
+            new = table.filter(pa.array(write))
             if new.num_rows == 0:
                 return AppendResult(0, table.num_rows, None)
-            new_keys = ["\x1f".join(k) for k, kept in zip(keys, keep, strict=True) if kept]
-            path = folder / part_name(new_keys)
-            write_table_atomic(new, path)
-            write_table_atomic(new.select(list(key_columns)), _keys_folder(folder) / path.name)
-        return AppendResult(new.num_rows, table.num_rows - new.num_rows, str(path))
+            new_keys = ["\x1f".join(k) for k, kept in zip(keys, write, strict=True) if kept]
+            name = part_name(new_keys)
+            if replaced:
+                folder = self._new_version_without(folder, by_part, replaced, key_columns, side_columns)
+            write_table_atomic(new, folder / name)
+            write_table_atomic(new.select(side_columns), _keys_folder(folder) / name)
+            if replaced:
+                self._point_to(folder)
+                self._drop_old_versions(keep=folder)
+        return AppendResult(
+            new.num_rows - len(replaced), table.num_rows - new.num_rows, str(folder / name), len(replaced)
+        )
 
-    def compact(self, key_columns: Sequence[str], order_by: str | None = "processed_at") -> CompactResult:
+    def _new_version_without(
+        self,
+        old: Path,
+        by_part: dict[Path, dict[tuple[str, ...], tuple[str, ...]]],
+        dropped: set[tuple[str, ...]],
+        key_columns: Sequence[str],
+        side_columns: Sequence[str],
+    ) -> Path:
+        """A new version folder holding the current parts minus the rows of ``dropped`` keys."""
+        number = int(old.name.removeprefix("v")) + 1
+        new = self.versions / f"v{number:06d}"
+        new.mkdir(parents=True, exist_ok=False)
+        _keys_folder(new).mkdir(parents=True, exist_ok=True)
+        for part, keys in by_part.items():
+            side = _keys_folder(old) / part.name
+            if not dropped.intersection(keys):
+                os.link(part, new / part.name)
+                if side.exists():
+                    os.link(side, _keys_folder(new) / part.name)
+                continue
+            rows = pq.read_table(part)
+            kept = rows.filter(pa.array([k not in dropped for k in key_tuples(rows, key_columns)]))
+            if kept.num_rows:
+                name = part_name(key_strings(kept, key_columns))
+                write_table_atomic(kept, new / name)
+                write_table_atomic(kept.select(present_columns(kept, side_columns)), _keys_folder(new) / name)
+        return new
+
+    def _drop_old_versions(self, keep: Path) -> None:
+        """Keep ``keep`` and the version before it (readers in flight); remove older ones."""
+        number = int(keep.name.removeprefix("v"))
+        wanted = {f"v{number:06d}", f"v{number - 1:06d}"}
+        for version in self.versions.iterdir():
+            if version.name.removesuffix(".keys") not in wanted and version.is_dir():
+                shutil.rmtree(version, ignore_errors=True)
+
+    def compact(
+        self,
+        key_columns: Sequence[str],
+        order_by: str | None = "processed_at",
+        version_columns: Sequence[str] = (),
+    ) -> CompactResult:
         """Rewrite the table as one part (one row per key, the latest by ``order_by``)."""
         with self.lock():
             old = self.current()
@@ -196,13 +317,10 @@ class TableDir:
             new.mkdir(parents=True, exist_ok=False)
             name = part_name(key_strings(table, key_columns))
             write_table_atomic(table, new / name)
-            write_table_atomic(table.select(list(key_columns)), _keys_folder(new) / name)
+            side = [*key_columns, *present_columns(table, version_columns)]
+            write_table_atomic(table.select(side), _keys_folder(new) / name)
             self._point_to(new)
-            # Keep the version just replaced for readers in flight; drop older ones.
-            keep = {new, old, _keys_folder(new), _keys_folder(old)}
-            for version in self.versions.iterdir():
-                if version not in keep and version.is_dir():
-                    shutil.rmtree(version, ignore_errors=True)
+            self._drop_old_versions(keep=new)
         return CompactResult(len(parts), 1, table.num_rows, before - table.num_rows, stale)
 
 

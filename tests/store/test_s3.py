@@ -166,3 +166,20 @@ def test_a_writer_killed_mid_write_leaves_no_partial_rows_and_a_rerun_completes(
     assert len(final) == 100_000 and not final.duplicated().any()
     assert table.compact(KEYS).rows == 100_000
     assert len(_raw(url, KEYS)) == 100_000
+
+
+def test_a_row_made_from_changed_inputs_replaces_the_committed_one(store_url: str) -> None:
+    url = f"{store_url}/features/t"
+    table = open_table(url)
+
+    def versioned(ids: list[int], version: str) -> pa.Table:
+        return _rows(ids).append_column("image_hash", pa.array([version] * len(ids)))
+
+    table.append(versioned([1, 2, 3], "a"), KEYS, ["image_hash"])
+    assert table.append(versioned([1, 2], "a"), KEYS, ["image_hash"]).skipped_existing == 2
+    changed = table.append(versioned([2, 4], "b"), KEYS, ["image_hash"])
+    assert (changed.written, changed.replaced) == (1, 1)
+    frame = _raw(url).set_index("series_uid")
+    assert sorted(frame.index) == ["s00001", "s00002", "s00003", "s00004"]
+    assert frame.loc["s00002", "image_hash"] == "b" and frame.loc["s00003", "image_hash"] == "a"
+    assert len(cohort.store.open(store_url).read("t")) == 4

@@ -159,3 +159,27 @@ def test_appends_look_up_keys_in_narrow_side_files_and_survive_a_missing_one(tmp
     again = table.append(_rows([1, 2, 3, 6], payload=50), KEYS)
     assert (again.written, again.skipped_existing) == (1, 3)
     assert sorted(pd.read_parquet(table.path)["series_uid"]) == [f"s{i:05d}" for i in range(1, 7)]
+
+
+def _versioned(ids: list[int], version: str, stamp: float) -> pa.Table:
+    rows = _rows(ids, stamp=stamp)
+    return rows.append_column("image_hash", pa.array([version] * len(ids)))
+
+
+def test_a_row_made_from_changed_inputs_replaces_the_stored_one_in_one_swap(tmp_path: Path) -> None:
+    table = TableDir(tmp_path / "t")
+    table.append(_versioned([1, 2, 3], "a", 1.0), KEYS, ["image_hash"])
+    table.append(_versioned([4, 5], "a", 1.0), KEYS, ["image_hash"])
+    unchanged = table.append(_versioned([1, 2], "a", 2.0), KEYS, ["image_hash"])
+    assert (unchanged.written, unchanged.skipped_existing, unchanged.replaced) == (0, 2, 0)
+    before = table.current()
+    changed = table.append(_versioned([2, 6], "b", 2.0), KEYS, ["image_hash"])
+    assert (changed.written, changed.replaced, changed.skipped_existing) == (1, 1, 0)
+    assert table.current() != before  # a new version: readers saw the old table or the new one
+    frame = pd.read_parquet(table.path).set_index("series_uid")
+    assert sorted(frame.index) == [f"s{i:05d}" for i in (1, 2, 3, 4, 5, 6)]
+    assert frame.loc["s00002", "image_hash"] == "b" and frame.loc["s00001", "image_hash"] == "a"
+    assert table.key_versions(KEYS, ["image_hash"])[("s00002", "GTV")] == ("b",)
+    # The untouched part is shared with the old version (hard link), not copied.
+    untouched = [p for p in table.parts() if p.stat().st_nlink > 1]
+    assert len(untouched) == 1

@@ -255,6 +255,45 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Environment variable holding the de-identification key (never in a spec or on the command line).
+DEID_SECRET_ENV = "COHORT_DEID_SECRET"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """De-identified DICOM and/or NIfTI of the cases a spec selects."""
+    from cohort.curate.deid import DeidSettings
+    from cohort.curate.export import export_cohort
+    from cohort.curate.select import plan_cohort
+    from cohort.index import index_files, list_archive
+    from cohort.spec import load_spec
+
+    secret = os.environ.get(DEID_SECRET_ENV)
+    if not secret:
+        raise SpecError(
+            f"set {DEID_SECRET_ENV} to a private random key (e.g. `python -c 'import secrets; "
+            "print(secrets.token_hex(32))'`) and keep it: the same key gives the same pseudonyms",
+            subject=DEID_SECRET_ENV,
+        )
+    spec = load_spec(args.spec, overrides={"archive": args.archive} if args.archive else None)
+    settings = DeidSettings(
+        secret=secret.encode(), dates=args.dates, descriptors=args.descriptors, private_tags=args.private_tags
+    )
+    instances, _ = index_files(list_archive(spec.archive))
+    plan = plan_cohort(instances, spec)
+    formats = {"dicom": (True, False), "nifti": (False, True), "both": (True, True)}[args.format]
+    result = export_cohort(
+        plan.items, args.out, settings, map_dir=args.map_dir, dicom=formats[0], volumes=formats[1]
+    )
+    exported = len(result.dicom.files) if result.dicom else 0
+    print(
+        f"{len(plan.items)} case(s): {exported} DICOM object(s), {result.volumes_written} volume(s) written"
+    )
+    print(f"pseudonym map: {Path(args.map_dir) / 'pseudonyms.csv'} (keep it apart from the export)")
+    for failure in result.failures:
+        print(f"not exported: {failure.reason}", file=sys.stderr)
+    return 1 if result.failures else 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from cohort.synth import write_demo_archive
 
@@ -350,6 +389,19 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("path")
     index.add_argument("--out", default="index", help="output folder")
     index.set_defaults(func=cmd_index)
+
+    export = sub.add_parser(
+        "export", help=f"de-identified DICOM and/or NIfTI of the selected cases (key in ${DEID_SECRET_ENV})"
+    )
+    export.add_argument("spec", help="cohort spec YAML (its selection and ROIs)")
+    export.add_argument("--out", required=True, help="output folder (named by pseudonyms only)")
+    export.add_argument("--map-dir", required=True, help="folder for the pseudonym map, outside --out")
+    export.add_argument("--archive", help="override the spec's archive")
+    export.add_argument("--format", choices=["dicom", "nifti", "both"], default="dicom")
+    export.add_argument("--dates", choices=["shift", "keep", "remove"], default="shift")
+    export.add_argument("--descriptors", choices=["clean", "keep", "remove"], default="clean")
+    export.add_argument("--private-tags", choices=["remove", "keep"], default="remove")
+    export.set_defaults(func=cmd_export)
 
     presets = sub.add_parser("presets", help="list the shipped radiomics presets")
     presets.set_defaults(func=cmd_presets)

@@ -97,3 +97,9 @@ class ConversionError(CohortError):
     """A volume cannot be written to (or read from) NIfTI/NRRD."""
 
     stage = Stage.CURATE
+
+
+class ModelError(CohortError):
+    """A segmentation model (manifest, ONNX file, runtime backend) cannot be loaded or run."""
+
+    stage = Stage.SEGMENT

@@ -1,0 +1,58 @@
+"""Harmonisation (image level): composable operations, a validated spec, provenance per step."""
+
+from cohort.harmonise.chain import (
+    ChainResult,
+    StepRecord,
+    StepResult,
+    apply_chain,
+    apply_step,
+    chain_digest,
+    image_digest,
+)
+from cohort.harmonise.ops import (
+    DEFAULT_MAX_UPSAMPLING,
+    Interpolator,
+    MaskInterpolator,
+    ZScoreParams,
+    bin_fixed_width,
+    clip,
+    crop_or_pad,
+    equalise_histogram,
+    fit_zscore,
+    match_histogram,
+    n4_bias_correction,
+    resample_image,
+    resample_mask_like,
+    target_grid,
+    window,
+    zscore,
+)
+from cohort.harmonise.spec import HarmoniseStep, parse_steps
+
+__all__ = [
+    "DEFAULT_MAX_UPSAMPLING",
+    "ChainResult",
+    "HarmoniseStep",
+    "Interpolator",
+    "MaskInterpolator",
+    "StepRecord",
+    "StepResult",
+    "ZScoreParams",
+    "apply_chain",
+    "apply_step",
+    "bin_fixed_width",
+    "chain_digest",
+    "clip",
+    "crop_or_pad",
+    "equalise_histogram",
+    "fit_zscore",
+    "image_digest",
+    "match_histogram",
+    "n4_bias_correction",
+    "parse_steps",
+    "resample_image",
+    "resample_mask_like",
+    "target_grid",
+    "window",
+    "zscore",
+]

@@ -9,11 +9,13 @@ one ROI becomes a failure row; it never stops the shard.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import json
+import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +29,7 @@ import cohort
 from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
 from cohort.curate.select import METADATA_COLUMNS, WorkItem
 from cohort.curate.series import assemble_series
-from cohort.errors import CohortError, RadiomicsError, RTStructError, Stage
+from cohort.errors import CohortError, RadiomicsError, RTStructError, SpecError, Stage
 from cohort.radiomics.extract import extract_features
 from cohort.radiomics.perturb import perturb
 from cohort.radiomics.subvolumes import split_solid
@@ -142,6 +144,11 @@ class ShardSettings:
     interpolation: Literal["pyradiomics", "ibsi"] = "pyradiomics"
     subvolumes: tuple[SubvolumeRule, ...] = ()
     stability: StabilitySettings | None = None
+    #: Benchmarking: run the orchestration (shards, tasks, result hand-off) without reading images or
+    #: extracting features; every item then yields no row and no failure.
+    noop: bool = False
+    #: Environment variable with the pseudonym key when patient IDs are pseudonymised (else None).
+    pseudonymise_env: str | None = None
 
     def subvolume_rule(self, canonical: str) -> SubvolumeRule | None:
         return next((rule for rule in self.subvolumes if rule.roi == canonical), None)
@@ -252,7 +259,12 @@ class ItemResult:
 
 
 def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None = None) -> ItemResult:
-    """All stages for one work item; every ROI ends as a feature row or a failure row."""
+    """All stages for one work item; every ROI ends as a feature row or a failure row.
+
+    With ``settings.noop`` nothing is read and nothing is produced (orchestration benchmarks).
+    """
+    if settings.noop:
+        return ItemResult()
     clock = clock or _Clock()
     versions = library_versions()
     series_dir = item.image_paths[0].rsplit("/", 1)[0] if item.image_paths else ""
@@ -471,18 +483,37 @@ def _check_every_roi_accounted(
                     raise AssertionError(f"{full} has neither a feature row nor a failure row")
 
 
+def patient_identity(settings: ShardSettings) -> Callable[[str], str]:
+    """What the store records as a patient's ID: the ID itself, or its keyed pseudonym."""
+    if settings.pseudonymise_env is None:
+        return lambda patient_id: patient_id
+    from cohort.curate.deid import DeidSettings, pseudonym_for
+
+    secret = os.environ.get(settings.pseudonymise_env)
+    if not secret:
+        raise SpecError(
+            f"privacy.patient_ids is pseudonymise but {settings.pseudonymise_env} is not set on this worker",
+            subject=settings.pseudonymise_env,
+        )
+    key = DeidSettings(secret=secret.encode())
+    return lambda patient_id: pseudonym_for(patient_id, key)
+
+
 def process_shard(items: Sequence[WorkItem], settings: ShardSettings) -> ShardResult:
     """Process every item of a shard; one item's failure never stops the others."""
     clock = _Clock()
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     perturbed: list[dict[str, Any]] = []
+    identity = patient_identity(settings)
     for item in items:
+        item = dataclasses.replace(item, patient_id=identity(item.patient_id))
         result = process_item(item, settings, clock)
         rows += result.rows
         failures += result.failures
         perturbed += result.perturbed
-    _check_every_roi_accounted(items, settings, rows, failures)
+    if not settings.noop:
+        _check_every_roi_accounted(items, settings, rows, failures)
     table = features_table(rows)
     check_features_schema(table)
     return ShardResult(

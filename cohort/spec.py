@@ -287,6 +287,27 @@ class ExecutorSpec(_Model):
         ge=0,
         description="Retries of a shard whose task failed as a whole (a lost worker, a transient error).",
     )
+    noop_stages: bool = Field(
+        False,
+        description="Benchmarking: run the orchestration without reading images or extracting features "
+        "(same index, selection, shards and tasks; shards produce no rows and no failures).",
+    )
+
+
+class PrivacySpec(_Model):
+    """Whether patient IDs enter the feature store."""
+
+    patient_ids: Literal["keep", "pseudonymise"] = Field(
+        "keep",
+        description="keep: the archive's PatientID in feature and failure rows (joins clinical tables "
+        "keyed by it); pseudonymise: a keyed pseudonym instead, the same one `cohort export` gives "
+        "(join clinical tables with Store.join_clinical(..., pseudonymise=True)).",
+    )
+    secret_env: str = Field(
+        "COHORT_DEID_SECRET",
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="Environment variable holding the pseudonym key (never the key itself).",
+    )
 
 
 class CohortSpec(_Model):
@@ -302,6 +323,7 @@ class CohortSpec(_Model):
     rois: dict[str, list[str]] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_ROIS))
     radiomics: RadiomicsSpec = RadiomicsSpec()
     executor: ExecutorSpec = ExecutorSpec()
+    privacy: PrivacySpec = PrivacySpec()
     shard_slices: int = Field(
         1500, ge=1, description="Target number of CT slices per shard (one Prefect task each)."
     )
@@ -327,13 +349,19 @@ class CohortSpec(_Model):
         settings: dict[str, Any] = {"pyradiomics": self.radiomics_params(), "crop": self.radiomics.crop}
         if self.radiomics.interpolation != "pyradiomics":  # keeps existing feature-set names
             settings["interpolation"] = self.radiomics.interpolation
+        if self.privacy.patient_ids != "keep":  # never mix real IDs and pseudonyms in one table
+            settings["patient_ids"] = self.privacy.patient_ids
         geometry = self.qc.geometry
         repairs = {
             "irregular_spacing": geometry.irregular_spacing,
             "gantry_tilt": geometry.gantry_tilt,
             "duplicate_positions": geometry.duplicate_positions,
         }
-        if repairs != {"irregular_spacing": "refuse", "gantry_tilt": "refuse", "duplicate_positions": "refuse"}:
+        if repairs != {
+            "irregular_spacing": "refuse",
+            "gantry_tilt": "refuse",
+            "duplicate_positions": "refuse",
+        }:
             settings["geometry_repairs"] = repairs  # repaired images have other voxel values
         return settings
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from cohort.shard import (
     StabilitySettings,
     SubvolumeRule,
     make_shards,
+    patient_identity,
     process_shard,
     roi_keys,
 )
@@ -77,14 +78,16 @@ def process_shard_task(items: list[WorkItem], settings: ShardSettings, store: st
     }
 
 
-def _shard_failure_rows(items: Sequence[WorkItem], run_id: str, exc: BaseException) -> pa.Table:
+def _shard_failure_rows(
+    items: Sequence[WorkItem], run_id: str, exc: BaseException, identity: Callable[[str], str]
+) -> pa.Table:
     """When a whole shard task fails (after retries), every ROI in it gets a failure row."""
     from datetime import UTC, datetime
 
     rows = [
         {
             "run_id": run_id,
-            "patient_id": i.patient_id,
+            "patient_id": identity(i.patient_id),
             "series_uid": i.series_uid,
             "rtstruct_uid": i.rtstruct_uid,
             "roi_source": r.source_name,
@@ -125,6 +128,8 @@ def shard_settings(
         subvolumes=rules,
         stability=stability,
         interpolation=radiomics.interpolation,
+        noop=spec.executor.noop_stages,
+        pseudonymise_env=spec.privacy.secret_env if spec.privacy.patient_ids == "pseudonymise" else None,
     )
 
 
@@ -235,6 +240,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     digest = settings_hash(cohort_spec.feature_settings())
     feature_set = feature_set_name(digest)
     settings = shard_settings(cohort_spec, params, digest, feature_set, run_id)
+    identity = patient_identity(settings)  # fails at once when the pseudonym key is missing
     done = open_table(layout.features(feature_set)).key_versions(KEY_COLUMNS, VERSION_COLUMNS)
     todo, rows_skipped = remaining_work(
         items, done, lambda source, canonical: roi_keys(source, canonical, settings.subvolumes)
@@ -264,7 +270,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
             outcome = shard_future.result()
         except Exception as exc:
             logger.error("shard of %d case(s) failed after retries: %s", len(shard), exc)
-            table = _shard_failure_rows(shard, run_id, exc)
+            table = _shard_failure_rows(shard, run_id, exc, identity)
             write_part(table, layout.failures(run_id), ["shard-failure", *_keys(shard)])
             failures += table.num_rows
         else:

@@ -117,11 +117,27 @@ class Store:
         key: str = "patient_id",
         clinical_key: str = "PatientID",
         how: str = "inner",
+        pseudonymise: bool = False,
+        secret_env: str = "COHORT_DEID_SECRET",
     ) -> pd.DataFrame:
-        """Join a clinical table (a DataFrame or a CSV path) on the patient id."""
+        """Join a clinical table (a DataFrame or a CSV path) on the patient id.
+
+        With ``pseudonymise`` (a store written with ``privacy.patient_ids: pseudonymise``)
+        the clinical IDs are turned into the same keyed pseudonyms first, with the key
+        in ``secret_env``; the result holds pseudonyms only.
+        """
         table = pd.read_csv(clinical) if isinstance(clinical, str | Path) else clinical
         if clinical_key not in table.columns:
             raise StoreError(f"clinical table has no column {clinical_key!r}", subject=str(clinical)[:200])
+        if pseudonymise:
+            from cohort.curate.deid import DeidSettings, pseudonym_for
+
+            secret = os.environ.get(secret_env)
+            if not secret:
+                raise StoreError(f"set {secret_env} to the store's pseudonym key", subject=secret_env)
+            pseudonym_key = DeidSettings(secret=secret.encode())
+            aliases = [pseudonym_for(str(v), pseudonym_key) for v in table[clinical_key]]
+            table = table.assign(**{clinical_key: aliases})
         if table[clinical_key].duplicated().any():
             raise StoreError(f"clinical table repeats {clinical_key} values", subject=str(clinical)[:200])
         joined = features.merge(table, left_on=key, right_on=clinical_key, how=how)  # type: ignore[arg-type]

@@ -87,3 +87,20 @@ def test_duckdb_and_polars_read_the_same_rows(store_root: Path) -> None:
     assert via_duckdb == [(5, 5010.0)]
     via_polars = pl.read_parquet(f"{path}/*.parquet").filter(pl.col("roi") == "Lung")
     assert via_polars.height == 5 and via_polars["original_shape_VoxelVolume"].sum() == 5010.0
+
+
+def test_pseudonymised_stores_join_clinical_tables_through_the_same_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cohort.curate.deid import DeidSettings, pseudonym_for
+
+    secret = "an-example-key-of-32-characters!"
+    monkeypatch.setenv("COHORT_DEID_SECRET", secret)
+    alias = pseudonym_for("P-7", DeidSettings(secret=secret.encode()))
+    features = pd.DataFrame({"patient_id": [alias], "volume": [12.5]})
+    clinical = pd.DataFrame({"PatientID": ["P-7", "P-8"], "event": [1, 0]})
+    (tmp_path / "store").mkdir()
+    store = cohort.store.open(tmp_path / "store")
+    joined = store.join_clinical(features, clinical, pseudonymise=True)
+    assert joined.to_dict("records") == [{"patient_id": alias, "volume": 12.5, "event": 1}]
+    assert "P-7" not in joined.to_string()

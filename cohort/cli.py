@@ -226,32 +226,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
+    """Bring an incremental header index of a folder up to date (a re-run reads only what changed)."""
     from rich.console import Console
-    from rich.progress import track
 
-    from cohort.index import index_files, list_archive
-    from cohort.index.crawl import concat_index, iter_chunks
+    from cohort.index import read_instances, update_index
 
     console = Console()
-    files = list_archive(args.path)
-    parts, quarantined = [], []
-    chunks = list(iter_chunks(files, 200))
-    for chunk in track(chunks, description="indexing", console=console):
-        chunk_instances, chunk_bad = index_files(chunk)
-        parts.append(chunk_instances)
-        quarantined.append(chunk_bad)
-    instances, bad = concat_index(parts, quarantined)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(instances, out / "instances.parquet")
-    pq.write_table(bad, out / "quarantine.parquet")
-    df = instances.to_pandas()
-    console.print(f"{len(files)} files: {instances.num_rows} DICOM instances, {bad.num_rows} quarantined")
+    with console.status("indexing"):
+        update = update_index(args.path, out, workers=args.workers)
+    console.print(
+        f"{update.listed} files: {update.added} added, {update.changed} changed, {update.deleted} deleted, "
+        f"{update.unchanged} unchanged ({update.files_read} read); "
+        f"{update.instances} DICOM instances, {update.quarantined} quarantined",
+        soft_wrap=True,
+    )
+    df = read_instances(out).to_pandas()
     if not df.empty:
         counts = df.groupby("modality").agg(instances=("path", "size"), series=("series_uid", "nunique"))
         console.print(counts.to_string())
-    console.print(f'index: pd.read_parquet("{out / "instances.parquet"}")', markup=False, highlight=False)
+    console.print(
+        f'index: pd.read_parquet("{out / "instances"}")', markup=False, highlight=False, soft_wrap=True
+    )
     return 0
 
 
@@ -294,11 +290,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 1 if result.failures else 0
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    from cohort.synth import write_demo_archive
+def _slice_range(text: str) -> int | tuple[int, int]:
+    """``--slices``: ``80`` or ``40-120``."""
+    low, _, high = text.partition("-")
+    try:
+        return (int(low), int(high)) if high else int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH, got {text!r}") from None
 
-    archive = write_demo_archive(args.out, args.patients, seed=args.seed, fresh_uids=args.fresh_uids)
-    print(f"wrote {len(archive.patients)} patients to {archive.root}; clinical table {archive.clinical_csv}")
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from cohort.synth.archive import write_demo_archive, write_scale_archive
+
+    if args.demo:
+        scale_only = {"--workers": args.workers, "--slices": args.slices, "--long-series": args.long_series}
+        given = [name for name, value in scale_only.items() if value]
+        if given:
+            raise SpecError(f"{', '.join(given)} apply to the scale archive; drop --demo", subject="synth")
+        demo = write_demo_archive(
+            args.out, args.patients, seed=args.seed, matrix=args.matrix or 256, fresh_uids=args.fresh_uids
+        )
+        print(f"wrote {len(demo.patients)} patients to {demo.root}; clinical table {demo.clinical_csv}")
+        return 0
+    start = time.perf_counter()
+    try:
+        archive = write_scale_archive(
+            args.out,
+            args.patients,
+            slices=args.slices,
+            matrix=args.matrix or 128,
+            workers=args.workers,
+            seed=args.seed,
+            fresh_uids=args.fresh_uids,
+            long_series=args.long_series,
+        )
+    except ValueError as exc:
+        raise SpecError(str(exc), subject="synth") from exc
+    seconds = time.perf_counter() - start
+    long_note = f" + {archive.long_series.n_slices}-slice series" if archive.long_series else ""
+    print(
+        f"wrote {len(archive.patients)} patients{long_note} ({archive.files} files, "
+        f"{archive.bytes / 2**20:.0f} MiB) to {archive.root} in {seconds:.1f} s; "
+        f"clinical table {archive.clinical_csv}"
+    )
     return 0
 
 
@@ -387,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="index the DICOM headers of a folder to Parquet")
     index.add_argument("path")
-    index.add_argument("--out", default="index", help="output folder")
+    index.add_argument("--out", default="index", help="index folder (updated in place on later runs)")
+    index.add_argument("--workers", type=int, default=1, help="reader processes")
     index.set_defaults(func=cmd_index)
 
     export = sub.add_parser(
@@ -406,11 +443,29 @@ def build_parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list the shipped radiomics presets")
     presets.set_defaults(func=cmd_presets)
 
-    synth = sub.add_parser("synth", help="write a synthetic CT + RTSTRUCT archive")
+    synth = sub.add_parser(
+        "synth",
+        help="write a synthetic CT + RTSTRUCT archive (12 scanners/kernels, in parallel; --demo: the demo's)",
+    )
     synth.add_argument("out")
     synth.add_argument("--patients", type=int, default=10)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--fresh-uids", action="store_true")
+    synth.add_argument("--fresh-uids", action="store_true", help="new UIDs on every call")
+    synth.add_argument("--matrix", type=int, help="rows = columns per slice (default 128; demo 256)")
+    synth.add_argument(
+        "--slices", type=_slice_range, help="slices per CT: N or LOW-HIGH (default: 150-200 mm of z)"
+    )
+    synth.add_argument("--workers", type=int, help="writer processes (default: the CPUs available)")
+    synth.add_argument(
+        "--long-series",
+        type=int,
+        nargs="?",
+        const=1000,
+        default=0,
+        metavar="SLICES",
+        help="add patient SCALE-LONG with one 512 x 512 CT of SLICES slices (default 1000)",
+    )
+    synth.add_argument("--demo", action="store_true", help="write the 4-scanner demo archive instead")
     synth.set_defaults(func=cmd_synth)
     return parser
 

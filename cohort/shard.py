@@ -30,6 +30,7 @@ from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
 from cohort.curate.select import METADATA_COLUMNS, WorkItem
 from cohort.curate.series import assemble_series
 from cohort.errors import CohortError, RadiomicsError, RTStructError, SpecError, Stage
+from cohort.harmonise.chain import apply_chain
 from cohort.radiomics.extract import extract_features
 from cohort.radiomics.perturb import perturb
 from cohort.radiomics.subvolumes import split_solid
@@ -97,7 +98,7 @@ FAILURE_SCHEMA = pa.schema(
     ]
 )
 
-STAGE_TIMERS = ("read_series", "read_rtstruct", "rasterise", "radiomics", "stability")
+STAGE_TIMERS = ("read_series", "harmonise", "read_rtstruct", "rasterise", "radiomics", "stability")
 
 #: Fixed columns of the perturbed-feature (stability) table; features follow as float64.
 STABILITY_KEY_SCHEMA = pa.schema(
@@ -149,6 +150,8 @@ class ShardSettings:
     noop: bool = False
     #: Environment variable with the pseudonym key when patient IDs are pseudonymised (else None).
     pseudonymise_env: str | None = None
+    #: Harmonisation steps (JSON mappings, see cohort.harmonise) applied to each image before its masks.
+    harmonise: tuple[Mapping[str, Any], ...] = ()
 
     def subvolume_rule(self, canonical: str) -> SubvolumeRule | None:
         return next((rule for rule in self.subvolumes if rule.roi == canonical), None)
@@ -272,6 +275,12 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
         with clock.time("read_series"):
             volume = assemble_series(item.image_paths, series_uid=item.series_uid, policy=item.read_policy)
             image = volume.image
+        actions = list(volume.actions)
+        if settings.harmonise:
+            with clock.time("harmonise"):
+                chain = apply_chain(image, settings.harmonise)
+            image = chain.image  # masks are rasterised on the harmonised grid
+            actions.append(f"harmonised ({len(chain.records)} steps, chain {chain.digest[:12]})")
     except Exception as exc:  # any failure here fails the whole case, recorded per ROI
         return ItemResult(
             failures=[
@@ -341,7 +350,7 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
             fail(exc, roi.source_name, Stage.MASK)
             continue
         # What the reader did to the image (resampled an irregular stack, ...) travels with every row.
-        notes = "; ".join([*(f"image: {action}" for action in volume.actions), *roi_mask.notes]) or None
+        notes = "; ".join([*(f"image: {action}" for action in actions), *roi_mask.notes]) or None
         targets = [(roi.canonical, roi.source_name, roi_mask.mask, roi_mask.voxel_count, notes)]
         rule = settings.subvolume_rule(roi.canonical)
         if rule is not None:

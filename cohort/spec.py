@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cohort.errors import SpecError
+from cohort.harmonise.spec import HarmoniseStep
 
 ENV_PREFIX = "COHORT_"
 
@@ -324,6 +325,12 @@ class CohortSpec(_Model):
     radiomics: RadiomicsSpec = RadiomicsSpec()
     executor: ExecutorSpec = ExecutorSpec()
     privacy: PrivacySpec = PrivacySpec()
+    harmonise: list[HarmoniseStep] = Field(
+        default_factory=list,
+        description="Image harmonisation before radiomics, in order (resample, window, clip, zscore, n4, "
+        "histogram_equalise, bin_fixed_width, crop_pad, ...; see cohort.harmonise). Part of the "
+        "feature-set hash.",
+    )
     shard_slices: int = Field(
         1500, ge=1, description="Target number of CT slices per shard (one Prefect task each)."
     )
@@ -349,6 +356,8 @@ class CohortSpec(_Model):
         settings: dict[str, Any] = {"pyradiomics": self.radiomics_params(), "crop": self.radiomics.crop}
         if self.radiomics.interpolation != "pyradiomics":  # keeps existing feature-set names
             settings["interpolation"] = self.radiomics.interpolation
+        if self.harmonise:
+            settings["harmonise"] = [step.model_dump(mode="json") for step in self.harmonise]
         if self.privacy.patient_ids != "keep":  # never mix real IDs and pseudonyms in one table
             settings["patient_ids"] = self.privacy.patient_ids
         geometry = self.qc.geometry

@@ -8,6 +8,8 @@ worker, so nothing large travels back through the flow.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -17,14 +19,25 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from cohort.analysis.stability import IccForm, feature_icc
-from cohort.curate.select import WorkItem, plan_cohort
+from cohort.curate.report import CaseOverlay, case_overlays, curation_summary_markdown, write_curation_report
+from cohort.curate.select import CurationPlan, WorkItem, plan_cohort
 from cohort.errors import Stage
-from cohort.index.crawl import concat_index, index_files, iter_chunks, list_archive
+from cohort.index import (
+    ArchiveSource,
+    FileEntry,
+    IndexUpdate,
+    ReadResult,
+    commit_update,
+    plan_update,
+    read_entries,
+    read_instances,
+    read_quarantine,
+)
 from cohort.radiomics.extract import feature_set_name
 from cohort.run import RunSummary, add_seconds, remaining_work
 from cohort.shard import (
@@ -42,6 +55,7 @@ from cohort.shard import (
 )
 from cohort.spec import CohortSpec, build_spec, settings_hash
 from cohort.store.layout import StoreLayout
+from cohort.store.location import Location
 from cohort.store.objects import FeatureTable, open_table
 from cohort.store.parquet import read_table, write_part, write_table_atomic
 from cohort.store.results import write_shard_result
@@ -59,8 +73,80 @@ def _keys(items: Sequence[WorkItem]) -> list[str]:
 
 
 @task(name="index-files", cache_policy=NO_CACHE, retries=1)
-def index_files_task(paths: list[str]) -> tuple[pa.Table, pa.Table]:
-    return index_files(paths)
+def index_files_task(archive: ArchiveSource, entries: list[FileEntry]) -> ReadResult:
+    return read_entries(archive, entries)
+
+
+def index_archive(
+    spec: CohortSpec, layout: StoreLayout, logger: Any
+) -> tuple[pa.Table, pa.Table, IndexUpdate]:
+    """Update the archive's index: unchanged files cost a stat; new and changed files are read
+    (headers only) in chunks on the workers; deletions are recorded. Returns instances
+    (absolute paths), quarantine and what changed."""
+    index_root = index_folder(layout)
+    index_plan = plan_update(spec.archive, index_root)
+    report("index", 0, len(index_plan.to_read))
+    futures = [index_files_task.submit(index_plan.archive, c) for c in index_plan.chunks(INDEX_CHUNK)]
+    results: list[ReadResult] = []
+    for index_future in as_completed(futures):
+        results.append(index_future.result())
+        done = sum(r.instances.num_rows + r.quarantine.num_rows for r in results)
+        report("index", done, len(index_plan.to_read))
+    update = commit_update(index_plan, results)
+    instances = read_instances(index_root, absolute_paths=True)
+    quarantine = read_quarantine(index_root)
+    if not layout.root.is_local:  # the index lives on local disk; the store gets a snapshot
+        write_table_atomic(instances, layout.instances / "part-0.parquet")
+        write_table_atomic(quarantine, layout.quarantine / "part-0.parquet")
+    logger.info(
+        "index: %d files listed, %d added, %d changed, %d deleted, %d unchanged (%d read); "
+        "%d DICOM instances, %d quarantined",
+        update.listed,
+        update.added,
+        update.changed,
+        update.deleted,
+        update.unchanged,
+        update.files_read,
+        update.instances,
+        update.quarantined,
+    )
+    return instances, quarantine, update
+
+
+#: Cases drawn (image + first GTV contour) in the curation report.
+OVERLAY_CASES = 12
+
+
+@task(name="curation-overlays", cache_policy=NO_CACHE)
+def curation_overlays_task(items: list[WorkItem]) -> list[CaseOverlay]:
+    return case_overlays(items, max_cases=OVERLAY_CASES)
+
+
+def curation_report(
+    spec: CohortSpec, instances: pa.Table, quarantine: pa.Table, plan: CurationPlan, path: Location
+) -> str:
+    """The run's curation report (HTML in the store) and its summary as Prefect artifacts."""
+    overlays = [] if spec.executor.noop_stages else curation_overlays_task.submit(list(plan.items)).result()
+    url = write_curation_report(
+        instances, quarantine, plan, path, overlays=overlays, archive_root=str(spec.archive)
+    )
+    link = f"file://{url}" if path.is_local else url
+    create_link_artifact(key="cohort-curation-report", link=link, description="curation report (HTML)")
+    create_markdown_artifact(
+        key="cohort-curation",
+        description="curation summary",
+        markdown=curation_summary_markdown(instances, quarantine, plan, report_url=link),
+    )
+    return url
+
+
+def index_folder(layout: StoreLayout) -> Path:
+    """Where the incremental index lives: in the store when local, else in a local cache per store."""
+    if layout.root.is_local:
+        return layout.index_dir.local_path()
+    digest = hashlib.sha256(layout.root.url.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("COHORT_CACHE") or Path.home() / ".cache" / "cohort")
+    return cache / "index" / digest
 
 
 @task(name="process-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1)
@@ -130,6 +216,7 @@ def shard_settings(
         interpolation=radiomics.interpolation,
         noop=spec.executor.noop_stages,
         pseudonymise_env=spec.privacy.secret_env if spec.privacy.patient_ids == "pseudonymise" else None,
+        harmonise=tuple(step.model_dump(mode="json") for step in spec.harmonise),
     )
 
 
@@ -207,28 +294,10 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     layout = StoreLayout.at(cohort_spec.store)
     seconds: dict[str, float] = {}
 
-    # 1. Index the archive, in chunks of files across the workers.
+    # 1. Bring the archive index up to date (only new and changed files are read).
     t0 = time.perf_counter()
-    files = list_archive(cohort_spec.archive)
-    report("index", 0, len(files))
-    futures = [index_files_task.submit(chunk) for chunk in iter_chunks(files, INDEX_CHUNK)]
-    instance_parts, quarantine_parts, done_files = [], [], 0
-    for index_future in as_completed(futures):
-        instances_part, quarantine_part = index_future.result()
-        instance_parts.append(instances_part)
-        quarantine_parts.append(quarantine_part)
-        done_files += instances_part.num_rows + quarantine_part.num_rows
-        report("index", done_files, len(files))
-    instances, quarantine = concat_index(instance_parts, quarantine_parts)
-    write_table_atomic(instances, layout.instances)
-    write_table_atomic(quarantine, layout.quarantine)
+    instances, quarantine, update = index_archive(cohort_spec, layout, logger)
     seconds["index"] = time.perf_counter() - t0
-    logger.info(
-        "indexed %d files: %d DICOM instances, %d quarantined",
-        len(files),
-        instances.num_rows,
-        quarantine.num_rows,
-    )
 
     # 2. Select series and link structure sets (index only, no pixel reads).
     plan = plan_cohort(instances, cohort_spec)
@@ -236,6 +305,10 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     write_table_atomic(decisions, layout.run_dir(run_id) / "selection.parquet")
     write_table_atomic(plan.qc, layout.run_dir(run_id) / "qc.parquet")
     write_table_atomic(plan.links, layout.run_dir(run_id) / "links.parquet")
+    report_url = curation_report(
+        cohort_spec, instances, quarantine, plan, layout.run_dir(run_id) / "curation.html"
+    )
+    logger.info("curation report: %s", report_url)
     params = cohort_spec.radiomics_params()
     digest = settings_hash(cohort_spec.feature_settings())
     feature_set = feature_set_name(digest)
@@ -299,7 +372,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         store=layout.root.url,
         feature_set=feature_set,
         feature_table=layout.features(feature_set).url,
-        files_seen=len(files),
+        files_seen=update.listed,
         files_quarantined=quarantine.num_rows,
         image_series=len(set(decisions.column("series_uid").to_pylist())),
         cases_selected=len(items),

@@ -61,3 +61,21 @@ def write_ct_slices(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def make_pixels_undecodable(path: Path) -> bytes:
+    """Rewrite a slice as a JPEG baseline object whose compressed data is junk; returns the original bytes.
+
+    Its header still indexes (and claims a decodable transfer syntax); only decoding the
+    pixel data fails — the way a damaged compressed file in a real archive fails.
+    """
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    original = path.read_bytes()
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0" + bytes(200)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    return original

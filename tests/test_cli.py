@@ -13,8 +13,10 @@ def test_index_command_writes_the_index_and_prints_counts(
 ) -> None:
     assert main(["index", str(lung1_archive), "--out", str(tmp_path / "idx")]) == 0
     out = capsys.readouterr().out
-    assert "251 files: 251 DICOM instances, 0 quarantined" in out
-    assert len(pd.read_parquet(tmp_path / "idx" / "instances.parquet")) == 251
+    assert "251 files: 251 added" in out and "251 DICOM instances, 0 quarantined" in out
+    assert len(pd.read_parquet(tmp_path / "idx" / "instances")) == 251
+    assert main(["index", str(lung1_archive), "--out", str(tmp_path / "idx")]) == 0  # again: nothing read
+    assert "251 unchanged (0 read)" in capsys.readouterr().out
 
 
 def test_bad_spec_exits_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from cohort.shard import (
     process_shard,
 )
 from cohort.spec import build_spec, settings_hash
+from tests.helpers import make_pixels_undecodable
 
 
 def _item(i: int, slices: int) -> WorkItem:
@@ -72,9 +74,8 @@ def _settings(spec_archive: Path) -> tuple[list[WorkItem], ShardSettings]:
 def test_one_broken_case_becomes_failure_rows_and_the_others_complete(tmp_path: Path, demo_archive) -> None:
     archive = tmp_path / "archive"
     shutil.copytree(demo_archive.root, archive)
-    # DEMO-002: a CT slice whose pixel data is cut short (its header still indexes fine).
-    slice_path = sorted((archive / "DEMO-002" / "CT").iterdir())[5]
-    slice_path.write_bytes(slice_path.read_bytes()[:-5000])
+    # DEMO-002: a CT slice whose compressed pixel data is junk (its header still indexes fine).
+    make_pixels_undecodable(sorted((archive / "DEMO-002" / "CT").iterdir())[5])
     # DEMO-003: the GTV contours moved 5 m away, off the image grid.
     rs_path = archive / "DEMO-003" / "RS" / "RS.dcm"
     rs = pydicom.dcmread(rs_path)
@@ -187,3 +188,23 @@ def test_several_rois_per_series_and_a_too_small_roi_fails_alone(tmp_path: Path,
     (failure,) = result.failures.to_pylist()
     assert (failure["roi_source"], failure["stage"]) == ("GTV-2", "radiomics")
     assert "1 segmented voxel" in failure["reason"]
+
+
+def test_harmonisation_steps_from_the_spec_change_the_image_the_hash_and_the_notes(demo_archive) -> None:
+    plain = build_spec({"archive": str(demo_archive.root), "store": "unused"}, environ={})
+    steps = [{"op": "resample", "spacing": [2.0, 2.0, None]}, {"op": "clip", "lower": -1000, "upper": 400}]
+    harmonised = build_spec(
+        {"archive": str(demo_archive.root), "store": "unused", "harmonise": steps}, environ={}
+    )
+    assert settings_hash(plain.feature_settings()) != settings_hash(harmonised.feature_settings())
+    items, base = _settings(demo_archive.root)
+    with_steps = dataclasses.replace(
+        base, harmonise=tuple(s.model_dump(mode="json") for s in harmonised.harmonise)
+    )
+    before = process_shard(items[:1], base).features.to_pylist()[0]
+    after = process_shard(items[:1], with_steps).features.to_pylist()[0]
+    assert "harmonised (2 steps" in after["mask_notes"]
+    # Rasterised on the 2 mm in-plane grid: voxels scale with the pixel area, the physical volume stays.
+    area = before["pixel_spacing_row"] * before["pixel_spacing_col"]
+    assert after["mask_voxels"] == pytest.approx(before["mask_voxels"] * area / 4.0, rel=0.1)
+    assert after["original_shape_MeshVolume"] == pytest.approx(before["original_shape_MeshVolume"], rel=0.1)

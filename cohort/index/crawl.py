@@ -1,45 +1,31 @@
-"""Crawl an archive folder and read DICOM headers into index rows.
+"""One-shot crawl of local files into (instances, quarantine) tables, with absolute paths.
 
-Files are recognised by content (the ``DICM`` marker after the 128-byte
-preamble), not by name. Anything that cannot be read becomes a quarantine row
-with the reason; no input file stops a crawl. Symbolic links are not followed.
+The incremental index (:func:`cohort.index.incremental.update_index`) is the
+way to index an archive that is crawled more than once; these functions read
+given files every time, with the same reader (:mod:`cohort.index.read`).
+Symbolic links are not listed by :func:`list_archive`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from cohort.errors import DicomReadError
+from cohort.index.read import read_entry, read_instance
 from cohort.index.schema import INSTANCE_SCHEMA, QUARANTINE_SCHEMA
-
-#: Elements larger than this are not read into memory while indexing
-#: (contour data of an RTSTRUCT, overlays, ...).
-DEFER_SIZE = 4096
-_HASH_CHUNK = 1 << 20
+from cohort.index.source import EntryKind, FileEntry, LocalArchive
 
 
 def list_archive(root: str | Path) -> list[str]:
-    """Every regular file under ``root``, sorted; symbolic links are skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DicomReadError("archive folder does not exist or is not a folder", subject=str(root))
-    found: list[str] = []
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs.sort()
-        for name in files:
-            path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                found.append(path)
-    found.sort()
-    return found
+    """Every regular file under ``root`` (absolute paths, sorted); symbolic links are skipped."""
+    archive = LocalArchive(Path(root).absolute())
+    return sorted(archive.absolute(e.path) for e in archive.walk() if e.kind is EntryKind.FILE)
 
 
 def is_dicom_file(path: str) -> bool:
@@ -52,142 +38,18 @@ def is_dicom_file(path: str) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    if isinstance(value, pydicom.multival.MultiValue):
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
-def _number(ds: pydicom.Dataset, keyword: str) -> float | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _integer(ds: pydicom.Dataset, keyword: str) -> int | None:
-    number = _number(ds, keyword)
-    return None if number is None else int(number)
-
-
-def _floats(ds: pydicom.Dataset, keyword: str) -> list[float] | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        return [float(v) for v in value]
-    except (TypeError, ValueError):
-        return None
-
-
-def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float | None, float | None]:
-    """(between rows, between columns) in mm, or Nones when absent or malformed."""
-    values = _floats(ds, "PixelSpacing")
-    if not values or len(values) != 2:
-        return None, None
-    return values[0], values[1]
-
-
-def _referenced_series(ds: pydicom.Dataset) -> list[str] | None:
-    if ds.get("Modality") not in ("RTSTRUCT", "SEG"):
-        return None
-    uids: list[str] = []
-    for frame in ds.get("ReferencedFrameOfReferenceSequence", []) or []:
-        for study in frame.get("RTReferencedStudySequence", []) or []:
-            for series in study.get("RTReferencedSeriesSequence", []) or []:
-                uid = series.get("SeriesInstanceUID")
-                if uid and uid not in uids:
-                    uids.append(str(uid))
-    for series in ds.get("ReferencedSeriesSequence", []) or []:  # DICOM-SEG
-        uid = series.get("SeriesInstanceUID")
-        if uid and uid not in uids:
-            uids.append(str(uid))
-    return uids
-
-
-def _roi_names(ds: pydicom.Dataset) -> list[str] | None:
-    if ds.get("Modality") != "RTSTRUCT":
-        return None
-    return [str(roi.get("ROIName", "")) for roi in ds.get("StructureSetROISequence", []) or []]
-
-
-def _frame_of_reference(ds: pydicom.Dataset) -> str | None:
-    uid = _text(ds, "FrameOfReferenceUID")
-    if uid is None and ds.get("Modality") == "RTSTRUCT":
-        frames = ds.get("ReferencedFrameOfReferenceSequence", []) or []
-        if frames:
-            uid = _text(frames[0], "FrameOfReferenceUID")
-    return uid
-
-
 def read_index_row(path: str) -> dict[str, Any]:
-    """Read the header of one DICOM file into an index row.
+    """Read (hash and parse) one file into an index row whose ``path`` is ``path``.
 
-    Raises :class:`DicomReadError` naming the file when it is not DICOM or its
-    header cannot be parsed.
+    Raises :class:`DicomReadError` naming the file when it is not an indexable
+    DICOM instance; the reason says why.
     """
-    if not is_dicom_file(path):
-        raise DicomReadError("not a DICOM Part 10 file (no DICM marker at byte 128)", subject=path)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
-        stat = os.stat(path)
-        meta = ds.file_meta
-        spacing_row, spacing_col = _pixel_spacing(ds)
-        row: dict[str, Any] = {
-            "path": path,
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "sha256": file_sha256(path),
-            "transfer_syntax_uid": _text(meta, "TransferSyntaxUID"),
-            "sop_class_uid": _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID"),
-            "sop_instance_uid": _text(ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID"),
-            "patient_id": _text(ds, "PatientID"),
-            "study_uid": _text(ds, "StudyInstanceUID"),
-            "series_uid": _text(ds, "SeriesInstanceUID"),
-            "frame_of_reference_uid": _frame_of_reference(ds),
-            "modality": _text(ds, "Modality"),
-            "series_description": _text(ds, "SeriesDescription"),
-            "study_date": _text(ds, "StudyDate"),
-            "institution": _text(ds, "InstitutionName"),
-            "manufacturer": _text(ds, "Manufacturer"),
-            "manufacturer_model": _text(ds, "ManufacturerModelName"),
-            "convolution_kernel": _text(ds, "ConvolutionKernel"),
-            "kvp": _number(ds, "KVP"),
-            "exposure": _number(ds, "Exposure"),
-            "tube_current": _number(ds, "XRayTubeCurrent"),
-            "contrast_agent": _text(ds, "ContrastBolusAgent"),
-            "slice_thickness": _number(ds, "SliceThickness"),
-            "pixel_spacing_row": spacing_row,
-            "pixel_spacing_col": spacing_col,
-            "rows": _integer(ds, "Rows"),
-            "columns": _integer(ds, "Columns"),
-            "instance_number": _integer(ds, "InstanceNumber"),
-            "image_position": _floats(ds, "ImagePositionPatient"),
-            "image_orientation": _floats(ds, "ImageOrientationPatient"),
-            "rescale_slope": _number(ds, "RescaleSlope"),
-            "rescale_intercept": _number(ds, "RescaleIntercept"),
-            "referenced_series_uids": _referenced_series(ds),
-            "roi_names": _roi_names(ds),
-        }
-    except (InvalidDicomError, OSError, ValueError, TypeError, KeyError, AttributeError, EOFError) as exc:
-        raise DicomReadError(f"unreadable DICOM header: {type(exc).__name__}: {exc}", subject=path) from exc
-    if not row["sop_instance_uid"] or not row["series_uid"]:
-        raise DicomReadError("header lacks SOPInstanceUID or SeriesInstanceUID", subject=path)
-    return row
+        with open(path, "rb", buffering=0) as fh:
+            st = os.fstat(fh.fileno())
+            return read_instance(fh, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns).row
+    except OSError as exc:
+        raise DicomReadError(f"cannot read: {exc.strerror or exc}", subject=path) from exc
 
 
 def index_files(paths: Sequence[str] | Iterable[str]) -> tuple[pa.Table, pa.Table]:
@@ -195,14 +57,24 @@ def index_files(paths: Sequence[str] | Iterable[str]) -> tuple[pa.Table, pa.Tabl
     rows: list[dict[str, Any]] = []
     quarantined: list[dict[str, Any]] = []
     for path in paths:
+        absolute = os.path.abspath(path)
+        archive = LocalArchive(Path(os.path.dirname(absolute)))
+        name = os.path.basename(absolute)
         try:
-            rows.append(read_index_row(path))
-        except DicomReadError as exc:
-            try:
-                size = os.path.getsize(path)
-            except OSError:
-                size = -1
-            quarantined.append({"path": path, "size": size, "reason": exc.reason})
+            st = os.lstat(absolute)
+            kind = (
+                EntryKind.FILE
+                if stat.S_ISREG(st.st_mode)
+                else EntryKind.SYMLINK
+                if stat.S_ISLNK(st.st_mode)
+                else EntryKind.OTHER
+            )
+            entry = FileEntry(name, st.st_size, st.st_mtime_ns, kind)
+        except OSError:
+            entry = FileEntry(name, -1, 0)
+        outcome = read_entry(archive, entry)
+        row = {**outcome.row, "path": path}
+        (quarantined if outcome.quarantined else rows).append(row)
     return (
         pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA),
         pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA),

@@ -148,6 +148,11 @@ class Store:
         return pd.DataFrame() if table is None else table.to_pandas()
 
     def instances(self) -> pd.DataFrame:
+        """The archive index: one row per DICOM instance (absolute paths for a local store)."""
+        if self.root.is_local and (self.layout.index_dir / "manifest.json").exists():
+            from cohort.index import read_instances
+
+            return read_instances(self.layout.index_dir.local_path(), absolute_paths=True).to_pandas()
         table = read_table(self.layout.instances)
         if table is None:
             raise StoreError("the store has no index yet", subject=self.layout.instances.url)

@@ -3,8 +3,9 @@
 ::
 
     <store>/
-      index/instances.parquet        one row per DICOM instance of the archive
-      index/quarantine.parquet       files that could not be indexed, with the reason
+      index/instances/part-NN.parquet   one row per DICOM instance of the archive (partitioned)
+      index/quarantine/part-NN.parquet  files that could not be indexed, with the reason
+      index/changes/<run>.parquet       files added, changed, deleted by each index update
       features/<feature set>/        one table per radiomics settings hash
           part-<shard key>.parquet
       failures/<run id>/part-*.parquet   one row per failed (case, ROI, stage)
@@ -40,11 +41,11 @@ class StoreLayout:
 
     @property
     def instances(self) -> Location:
-        return self.index_dir / "instances.parquet"
+        return self.index_dir / "instances"
 
     @property
     def quarantine(self) -> Location:
-        return self.index_dir / "quarantine.parquet"
+        return self.index_dir / "quarantine"
 
     def features(self, feature_set: str) -> Location:
         return self.root / "features" / feature_set

@@ -11,6 +11,7 @@ import pytest
 
 from cohort.spec import build_spec
 from flows.process_cohort import run_cohort
+from tests.helpers import make_pixels_undecodable
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def _latest_artifacts() -> dict[str, Any]:
             return {a.key: a.data for a in found if a.key}
 
     data = asyncio.run(read())
-    return {k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in data.items()}
+    return {k: json.loads(v) if isinstance(v, str) and v.startswith("[{") else v for k, v in data.items()}
 
 
 def _spec(archive: Path, store: Path, **executor: object):  # type: ignore[no-untyped-def]
@@ -84,8 +85,7 @@ def test_failed_case_is_recorded_rest_completes_and_rerun_adds_no_duplicates(
     archive = tmp_path / "archive"
     shutil.copytree(demo_archive.root, archive)
     broken = sorted((archive / "DEMO-003" / "CT").iterdir())[3]
-    original = broken.read_bytes()
-    broken.write_bytes(original[:-4000])
+    original = make_pixels_undecodable(broken)
     spec = _spec(archive, tmp_path / "store", kind="dask", n_workers=2)
 
     first = run_cohort(spec)
@@ -97,6 +97,9 @@ def test_failed_case_is_recorded_rest_completes_and_rerun_adds_no_duplicates(
     shown = _latest_artifacts()
     assert shown["cohort-failures"][0]["patient_id"] == "DEMO-003" and len(shown["cohort-failures"]) == 1
     assert "| cases failed | 1 |" in shown["cohort-run"]
+    assert shown["cohort-curation-report"].endswith("curation.html)")  # a link to the run's curation report
+    report = (Path(first.store) / "runs" / first.run_id / "curation.html").read_text()
+    assert "DEMO-003" not in report and report.count("data:image/png;base64,") >= 4
 
     # Unchanged archive: the done cases are skipped, the failed one is tried (and fails) again.
     second = run_cohort(spec)

@@ -27,6 +27,8 @@ def test_real_archive_index_counts_every_object(lung1_archive: Path) -> None:
         ("LUNG1-002", "RTSTRUCT"): 1,
     }
     assert df["sha256"].str.len().eq(64).all() and df["sop_instance_uid"].is_unique
+    assert df["part10"].all() and df.loc[df.modality == "CT", "pixel_decodable"].all()
+    assert df.loc[df.modality == "RTSTRUCT", "has_pixel_data"].eq(False).all()
     ct1 = df[(df.patient_id == "LUNG1-001") & (df.modality == "CT")].iloc[0]
     assert (ct1.manufacturer, ct1.convolution_kernel, ct1.slice_thickness) == ("SIEMENS", "B19f", 3.0)
     # LUNG1-002 is implicit VR little endian, written by a planning system.
@@ -56,9 +58,9 @@ def test_bad_files_are_quarantined_with_a_reason_and_never_stop_the_crawl(
     assert set(reasons) == {
         str(tmp_path / n) for n in ("empty.dcm", "notes.txt", "truncated.dcm", "garbage.dcm")
     }
-    assert "no DICM marker" in reasons[str(tmp_path / "empty.dcm")]
-    # pydicom reads what is there; a header cut short lacks its identifying UIDs.
-    assert reasons[str(tmp_path / "truncated.dcm")] == "header lacks SOPInstanceUID or SeriesInstanceUID"
+    assert reasons[str(tmp_path / "empty.dcm")] == "empty file (0 bytes)"
+    assert reasons[str(tmp_path / "notes.txt")].startswith("not DICOM: no DICM marker at byte 128")
+    assert reasons[str(tmp_path / "truncated.dcm")].startswith("truncated: the file ends inside header")
 
 
 def test_symlinks_are_not_followed(tmp_path: Path, lung1_archive: Path) -> None:
@@ -80,3 +82,14 @@ def test_read_index_row_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(DicomReadError) as info:
         read_index_row(str(path))
     assert info.value.subject == str(path)
+
+
+def test_index_files_never_opens_a_fifo_or_follows_a_link(tmp_path: Path, lung1_archive: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.dcm")
+    (tmp_path / "link.dcm").symlink_to(next(next(lung1_archive.glob("LUNG1-001_*")).iterdir()))
+    instances, quarantine = index_files([str(tmp_path / "pipe.dcm"), str(tmp_path / "link.dcm")])
+    paths, why = quarantine.column("path").to_pylist(), quarantine.column("reason").to_pylist()
+    reasons = dict(zip(paths, why, strict=True))
+    assert instances.num_rows == 0
+    assert reasons[str(tmp_path / "pipe.dcm")].startswith("not a regular file")
+    assert reasons[str(tmp_path / "link.dcm")] == "symbolic link, not followed"

@@ -251,6 +251,24 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    """The segment-cohort flow for a spec: model masks, measurements, metrics against a reference ROI."""
+    from cohort.spec import load_spec
+    from flows.segment_cohort import run_segmentation
+
+    _quiet_runtime(args.verbose)
+    overrides: dict[str, Any] = {"store": args.store} if args.store else {}
+    spec = load_spec(args.spec, overrides=overrides)
+    compare_to = None if args.compare_to.lower() == "none" else args.compare_to
+    result = run_segmentation(spec, model=args.model, compare_to=compare_to, gpu=args.gpu)
+    print(
+        f"{result['cases']} case(s): {result['segmented']} segmented, {result['skipped']} already done, "
+        f"{result['failures']} failed"
+    )
+    print(f'rows: pd.read_parquet("{result["table"]}")')
+    return 1 if result["failures"] else 0
+
+
 #: Environment variable holding the de-identification key (never in a spec or on the command line).
 DEID_SECRET_ENV = "COHORT_DEID_SECRET"
 
@@ -426,6 +444,19 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--out", default="index", help="index folder (updated in place on later runs)")
     index.add_argument("--workers", type=int, default=1, help="reader processes")
     index.set_defaults(func=cmd_index)
+
+    segment = sub.add_parser(
+        "segment", help="segment the selected CTs with a registry model (segment-cohort)"
+    )
+    segment.add_argument("spec", help="cohort spec YAML")
+    segment.add_argument("--model", default="demo-lung-gtv", help="model name in models/ or a model folder")
+    segment.add_argument("--compare-to", default="GTV", help="reference ROI (canonical name) or 'none'")
+    segment.add_argument(
+        "--gpu", action="store_true", help="send shards to Dask workers with resources GPU=1"
+    )
+    segment.add_argument("--store", help="override the spec's store")
+    segment.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
+    segment.set_defaults(func=cmd_segment)
 
     export = sub.add_parser(
         "export", help=f"de-identified DICOM and/or NIfTI of the selected cases (key in ${DEID_SECRET_ENV})"

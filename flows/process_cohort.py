@@ -38,6 +38,7 @@ from cohort.index import (
     read_instances,
     read_quarantine,
 )
+from cohort.index.incremental import IndexChangedError
 from cohort.radiomics.extract import feature_set_name
 from cohort.run import RunSummary, add_seconds, remaining_work
 from cohort.shard import (
@@ -63,6 +64,8 @@ from cohort.store.table import COMPACT_AFTER_PARTS
 from flows.progress import report
 from flows.runtime import prefect_api, task_runner_for
 
+#: Plans of an index update before giving up when other runs keep committing first.
+INDEX_ATTEMPTS = 5
 #: Files per index task.
 INDEX_CHUNK = 400
 
@@ -84,15 +87,22 @@ def index_archive(
     (headers only) in chunks on the workers; deletions are recorded. Returns instances
     (absolute paths), quarantine and what changed."""
     index_root = index_folder(layout)
-    index_plan = plan_update(spec.archive, index_root)
-    report("index", 0, len(index_plan.to_read))
-    futures = [index_files_task.submit(index_plan.archive, c) for c in index_plan.chunks(INDEX_CHUNK)]
-    results: list[ReadResult] = []
-    for index_future in as_completed(futures):
-        results.append(index_future.result())
-        done = sum(r.instances.num_rows + r.quarantine.num_rows for r in results)
-        report("index", done, len(index_plan.to_read))
-    update = commit_update(index_plan, results)
+    for attempt in range(INDEX_ATTEMPTS):
+        index_plan = plan_update(spec.archive, index_root)
+        report("index", 0, len(index_plan.to_read))
+        futures = [index_files_task.submit(index_plan.archive, c) for c in index_plan.chunks(INDEX_CHUNK)]
+        results: list[ReadResult] = []
+        for index_future in as_completed(futures):
+            results.append(index_future.result())
+            done = sum(r.instances.num_rows + r.quarantine.num_rows for r in results)
+            report("index", done, len(index_plan.to_read))
+        try:
+            update = commit_update(index_plan, results)
+            break
+        except IndexChangedError:  # another run updated the index meanwhile: plan again
+            if attempt == INDEX_ATTEMPTS - 1:
+                raise
+            logger.info("the index changed under this run (another run?); planning again")
     instances = read_instances(index_root, absolute_paths=True)
     quarantine = read_quarantine(index_root)
     if not layout.root.is_local:  # the index lives on local disk; the store gets a snapshot

@@ -70,6 +70,10 @@ class IndexUpdateError(CohortError):
     stage = Stage.INDEX
 
 
+class IndexChangedError(IndexUpdateError):
+    """Another update committed after this one was planned: plan again (nothing was written)."""
+
+
 class ChangeKind(StrEnum):
     ADDED = "added"
     CHANGED = "changed"
@@ -465,7 +469,7 @@ def commit_update(plan: UpdatePlan, results: Iterable[ReadResult], *, workers: i
     with _locked(layout):
         manifest = Manifest.load(layout.manifest)
         if (manifest.generation if manifest else 0) != plan.generation:
-            raise IndexUpdateError(
+            raise IndexChangedError(
                 "the index changed since this update was planned (another update ran); plan again",
                 subject=str(layout.root),
             )

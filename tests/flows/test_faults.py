@@ -106,3 +106,30 @@ def test_a_run_killed_mid_way_and_started_again_redoes_nothing_and_duplicates_no
     assert again.cases_processed == N_PATIENTS - len(before)
     after = pd.read_parquet(again.feature_table, columns=KEYS)
     assert len(after) == N_PATIENTS and not after.duplicated().any()
+
+
+def test_two_runs_at_once_on_one_store_leave_one_row_per_case(
+    prefect_server: str, archive: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    spec_file = tmp_path / "cohort.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(
+            {"archive": str(archive), "store": str(store), "executor": {"kind": "threads", "n_workers": 1}}
+        )
+    )
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cohort", "run", str(spec_file)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err.decode()[-2000:]
+    features = pd.read_parquet(next(store.glob("features/radiomics-*")), columns=KEYS)
+    assert len(features) == N_PATIENTS and not features.duplicated().any()

@@ -50,6 +50,7 @@ from cohort.store.table import (
     key_strings,
     key_tuples,
     key_versions,
+    merge_part_keys,
     present_columns,
 )
 
@@ -155,16 +156,13 @@ class ObjectTable:
         dataset = self.dataset(commit)
         return None if dataset is None else dataset.to_table(columns=list(columns) if columns else None)
 
-    def keys(self, key_columns: Sequence[str], commit: Commit | None = None) -> set[tuple[str, ...]]:
-        return {key for keys in self.part_keys(key_columns, (), commit).values() for key in keys}
+    def keys(self, key_columns: Sequence[str]) -> set[tuple[str, ...]]:
+        return set(merge_part_keys(self.part_keys(key_columns)))
 
     def key_versions(
         self, key_columns: Sequence[str], version_columns: Sequence[str]
     ) -> dict[tuple[str, ...], tuple[str, ...]]:
-        merged: dict[tuple[str, ...], tuple[str, ...]] = {}
-        for keys in self.part_keys(key_columns, version_columns).values():
-            merged.update(keys)
-        return merged
+        return merge_part_keys(self.part_keys(key_columns, version_columns))
 
     def part_keys(
         self, key_columns: Sequence[str], version_columns: Sequence[str] = (), commit: Commit | None = None
@@ -200,7 +198,7 @@ class ObjectTable:
         for attempt in range(MAX_COMMIT_ATTEMPTS):
             state = self.latest()
             by_part = self.part_keys(key_columns, version_columns, state)
-            present = {k: v for keys_of_part in by_part.values() for k, v in keys_of_part.items()}
+            present = merge_part_keys(by_part)
             write, replaced = classify(table, key_columns, version_columns, present)
             new = table.filter(pa.array(write))
             if new.num_rows == 0:

@@ -31,10 +31,11 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -86,6 +87,13 @@ def key_versions(
     if not versions or not versions[0]:
         return {k: () for k in keys}
     return dict(zip(keys, versions, strict=True))
+
+
+def merge_part_keys(
+    by_part: Mapping[Any, Mapping[tuple[str, ...], tuple[str, ...]]],
+) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """One key -> versions mapping over all parts."""
+    return {key: version for keys in by_part.values() for key, version in keys.items()}
 
 
 def classify(
@@ -189,16 +197,13 @@ class TableDir:
 
     def keys(self, key_columns: Sequence[str]) -> set[tuple[str, ...]]:
         """Keys present (see :meth:`part_keys`)."""
-        return {key for keys in self.part_keys(key_columns).values() for key in keys}
+        return set(merge_part_keys(self.part_keys(key_columns)))
 
     def key_versions(
         self, key_columns: Sequence[str], version_columns: Sequence[str]
     ) -> dict[tuple[str, ...], tuple[str, ...]]:
         """Key -> its version columns (input content hashes), over all parts."""
-        merged: dict[tuple[str, ...], tuple[str, ...]] = {}
-        for keys in self.part_keys(key_columns, version_columns).values():
-            merged.update(keys)
-        return merged
+        return merge_part_keys(self.part_keys(key_columns, version_columns))
 
     def part_keys(
         self, key_columns: Sequence[str], version_columns: Sequence[str] = ()
@@ -242,7 +247,7 @@ class TableDir:
         with self.lock():
             folder = self.current()
             by_part = self.part_keys(key_columns, version_columns)
-            present = {k: v for keys_of_part in by_part.values() for k, v in keys_of_part.items()}
+            present = merge_part_keys(by_part)
             write, replaced = classify(table, key_columns, version_columns, present)
             new = table.filter(pa.array(write))
             if new.num_rows == 0:

@@ -45,6 +45,20 @@ def _dask_worker_processes() -> list[psutil.Process]:
     return found
 
 
+def _cohort_run(archive: Path, store: Path, api: str, *, stderr: int) -> subprocess.Popen[bytes]:
+    """`cohort run` in its own process (and session) on one thread."""
+    spec_file = store.parent / f"cohort-{os.urandom(4).hex()}.yaml"
+    executor = {"kind": "threads", "n_workers": 1}
+    spec_file.write_text(yaml.safe_dump({"archive": str(archive), "store": str(store), "executor": executor}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "cohort", "run", str(spec_file)],
+        env={**os.environ, "PREFECT_API_URL": api},
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        start_new_session=True,
+    )
+
+
 def test_a_worker_killed_mid_run_loses_no_case(prefect_server: str, archive: Path, tmp_path: Path) -> None:
     killed: list[int] = []
 
@@ -74,20 +88,7 @@ def test_a_run_killed_mid_way_and_started_again_redoes_nothing_and_duplicates_no
     prefect_server: str, archive: Path, tmp_path: Path
 ) -> None:
     store = tmp_path / "store"
-    spec_file = tmp_path / "cohort.yaml"
-    spec_file.write_text(
-        yaml.safe_dump(
-            {"archive": str(archive), "store": str(store), "executor": {"kind": "threads", "n_workers": 1}}
-        )
-    )
-    env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    run = subprocess.Popen(
-        [sys.executable, "-m", "cohort", "run", str(spec_file)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    run = _cohort_run(archive, store, prefect_server, stderr=subprocess.DEVNULL)
     table_glob = "features/radiomics-*/*.parquet"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(store.glob(table_glob)):
@@ -112,22 +113,7 @@ def test_two_runs_at_once_on_one_store_leave_one_row_per_case(
     prefect_server: str, archive: Path, tmp_path: Path
 ) -> None:
     store = tmp_path / "store"
-    spec_file = tmp_path / "cohort.yaml"
-    spec_file.write_text(
-        yaml.safe_dump(
-            {"archive": str(archive), "store": str(store), "executor": {"kind": "threads", "n_workers": 1}}
-        )
-    )
-    env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    runs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "cohort", "run", str(spec_file)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(2)
-    ]
+    runs = [_cohort_run(archive, store, prefect_server, stderr=subprocess.PIPE) for _ in range(2)]
     for run in runs:
         _, err = run.communicate(timeout=600)
         assert run.returncode == 0, err.decode()[-2000:]

@@ -35,6 +35,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_foundation.py --repeat 3
 	$(PY) benchmarks/bench_radiomics.py --repeat 1
 	$(PY) benchmarks/bench_store.py --repeat 1
+	$(PY) benchmarks/bench_index.py
+	$(PY) benchmarks/bench_segment_cpu.py
+	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_scale.py --patients 1000
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -67,7 +67,7 @@ from flows.runtime import prefect_api, task_runner_for
 #: Plans of an index update before giving up when other runs keep committing first.
 INDEX_ATTEMPTS = 5
 #: Files per index task.
-INDEX_CHUNK = 400
+INDEX_CHUNK = 1500
 
 
 def _keys(items: Sequence[WorkItem]) -> list[str]:

@@ -31,6 +31,7 @@ from cohort.segment.runtime import GPU_TASK_RESOURCES
 from cohort.shard import make_shards
 from cohort.spec import CohortSpec, build_spec
 from cohort.store.layout import StoreLayout
+from cohort.store.location import Location
 from cohort.store.objects import open_table
 from cohort.store.parquet import write_part, write_table_atomic
 from flows.process_cohort import _current_run_id, index_archive
@@ -40,8 +41,9 @@ from flows.runtime import prefect_api, task_runner_for
 SEGMENT_VERSION_COLUMNS = ("image_hash",)
 
 
-def segmentation_table(layout: StoreLayout, model_name: str, sha256: str) -> Any:
-    return open_table(layout.root / "segmentation" / f"{model_name}-{sha256[:12]}")
+def segmentation_location(layout: StoreLayout, table: str) -> Location:
+    """Where a model's segmentation table lives: ``segmentation/<model>-<sha12>``."""
+    return layout.root / "segmentation" / table
 
 
 @task(name="segment-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1)
@@ -52,7 +54,7 @@ def segment_shard_task(
     layout = StoreLayout.at(store)
     written = 0
     if result.rows:
-        appended = open_table(layout.root / "segmentation" / table).append(
+        appended = open_table(segmentation_location(layout, table)).append(
             pa.Table.from_pylist(result.rows), SEGMENT_KEY_COLUMNS, SEGMENT_VERSION_COLUMNS
         )
         written = appended.written + appended.replaced
@@ -76,7 +78,7 @@ def segment_cohort(
     items = list(plan_cohort(instances, cohort_spec).items)
     spec_model = load_model(model)  # fails here, clearly, before any shard
     table_name = f"{spec_model.name}-{spec_model.sha256[:12]}"
-    table = open_table(layout.root / "segmentation" / table_name)
+    table = open_table(segmentation_location(layout, table_name))
     done = table.key_versions(SEGMENT_KEY_COLUMNS, SEGMENT_VERSION_COLUMNS)
     todo = [i for i in items if done.get((i.series_uid, spec_model.sha256)) not in {(i.image_hash,), ()}]
     settings = SegmentSettings(model=model, run_id=run_id, compare_to=compare_to)
@@ -111,7 +113,7 @@ def segment_cohort(
     )
     return {
         "run_id": run_id,
-        "table": (layout.root / "segmentation" / table_name).url,
+        "table": segmentation_location(layout, table_name).url,
         "cases": len(items),
         "segmented": rows,
         "skipped": len(items) - len(todo),

@@ -14,7 +14,6 @@ import io
 import os
 import uuid
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -75,9 +74,3 @@ def read_table(folder: PathLike, columns: Sequence[str] | None = None) -> pa.Tab
     if not dataset.files:
         return None
     return dataset.to_table(columns=list(columns) if columns else None)
-
-
-def local_or_location(path: PathLike) -> Path | Location:
-    """A :class:`Path` for local places (callers that need POSIX semantics), else the location."""
-    where = Location.parse(path)
-    return where.local_path() if where.is_local else where

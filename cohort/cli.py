@@ -27,6 +27,9 @@ rois:                     # canonical name -> case-insensitive full-match patter
   GTV: ['gtv[-_ ]?1', 'gtv', 'gtv[-_ ]?p(rimary)?']
 radiomics:
   preset: ct-original     # or params_file: my-params.yaml, or params: {{...}}
+segmentation:             # the demo U-Net (models/demo-lung-gtv) segments every selected CT;
+  model: demo-lung-gtv    # its mask is a second ROI, GTV_auto, beside the RTSTRUCT's GTV (null: off)
+  roi: GTV_auto
 executor:
   kind: dask              # LocalCluster; set address: tcp://host:8786 for a cluster
   n_workers: {workers}
@@ -186,6 +189,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.setdefault("executor", {})["address"] = args.scheduler
     if args.workers:
         overrides.setdefault("executor", {})["n_workers"] = args.workers
+    if args.model:
+        model = None if args.model.lower() == "none" else args.model
+        if model and "/" in model:
+            model = str(Path(model).resolve())
+        overrides["segmentation"] = {"model": model}
     spec = load_spec(args.spec, overrides=overrides)
     console = Console()
     summary = _run_with_progress(spec, console)
@@ -418,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--archive", help="override the spec's archive")
     run.add_argument("--scheduler", help="address of an existing Dask scheduler")
     run.add_argument("--workers", type=int, help="LocalCluster worker processes")
+    run.add_argument(
+        "--model", help="segment every selected CT with this model (name or folder; 'none': off)"
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
     run.set_defaults(func=cmd_run)
 

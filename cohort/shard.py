@@ -20,20 +20,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pydicom
+import SimpleITK as sitk
 
 import cohort
-from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
-from cohort.curate.select import METADATA_COLUMNS, WorkItem
+from cohort.curate.rtstruct import RoiMask, rasterise_rtstruct, read_roi_infos
+from cohort.curate.select import METADATA_COLUMNS, RoiSelection, WorkItem
 from cohort.curate.series import assemble_series
-from cohort.errors import CohortError, RadiomicsError, RTStructError, SpecError, Stage
+from cohort.errors import CohortError, RadiomicsError, RTStructError, SegmentationError, SpecError, Stage
 from cohort.harmonise.chain import apply_chain
 from cohort.radiomics.extract import extract_features
 from cohort.radiomics.perturb import perturb
 from cohort.radiomics.subvolumes import split_solid
+from cohort.segment.measure import measure_mask
+from cohort.segment.postprocess import BackInterpolation, resample_mask
+
+if TYPE_CHECKING:
+    from cohort.segment.model import ModelSpec
+    from cohort.segment.pipeline import SegmentationResult
 
 #: Key columns of a feature row: one row per (series, RTSTRUCT, ROI) and feature set.
 KEY_COLUMNS = ("series_uid", "rtstruct_uid", "roi_source")
@@ -98,7 +106,25 @@ FAILURE_SCHEMA = pa.schema(
     ]
 )
 
-STAGE_TIMERS = ("read_series", "harmonise", "read_rtstruct", "rasterise", "radiomics", "stability")
+STAGE_TIMERS = (
+    "read_series",
+    "segment",
+    "harmonise",
+    "read_rtstruct",
+    "rasterise",
+    "measure",
+    "radiomics",
+    "stability",
+)
+
+#: Measurement columns of every row of a feature set made with automatic segmentation (the mask the
+#: row's features come from: the model's or the RTSTRUCT's), before the radiomics features.
+MEASUREMENT_COLUMNS = (
+    "measure_volume_ml",
+    "measure_recist_mm",
+    "measure_volumetric_recist_mm",
+    "measure_max_3d_diameter_mm",
+)
 
 #: Fixed columns of the perturbed-feature (stability) table; features follow as float64.
 STABILITY_KEY_SCHEMA = pa.schema(
@@ -133,6 +159,17 @@ class StabilitySettings:
 
 
 @dataclass(frozen=True)
+class AutoSegmentation:
+    """Automatic segmentation in the shard (``segmentation:`` of the spec)."""
+
+    model: str  # registry name or folder
+    model_sha256: str  # the file the feature set was planned with; another file on a worker is refused
+    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    batch_size: int = 16
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
 class ShardSettings:
     """What every shard needs besides its items; small and picklable."""
 
@@ -152,6 +189,8 @@ class ShardSettings:
     pseudonymise_env: str | None = None
     #: Harmonisation steps (JSON mappings, see cohort.harmonise) applied to each image before its masks.
     harmonise: tuple[Mapping[str, Any], ...] = ()
+    #: Automatic segmentation of the items marked automatic; also adds MEASUREMENT_COLUMNS to every row.
+    segmentation: AutoSegmentation | None = None
 
     def subvolume_rule(self, canonical: str) -> SubvolumeRule | None:
         return next((rule for rule in self.subvolumes if rule.roi == canonical), None)
@@ -274,7 +313,7 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
     try:
         with clock.time("read_series"):
             volume = assemble_series(item.image_paths, series_uid=item.series_uid, policy=item.read_policy)
-            image = volume.image
+            image = original = volume.image
         actions = list(volume.actions)
         if settings.harmonise:
             with clock.time("harmonise"):
@@ -290,25 +329,6 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
                 for r in item.rois
             ]
         )
-    try:
-        with clock.time("read_rtstruct"):
-            structure_set = pydicom.dcmread(item.rtstruct_path)
-            infos = read_roi_infos(structure_set)
-    except Exception as exc:
-        return ItemResult(
-            failures=[
-                _failure(
-                    item,
-                    settings,
-                    exc,
-                    stage=Stage.MASK,
-                    roi_source=r.source_name,
-                    input_path=item.rtstruct_path,
-                )
-                for r in item.rois
-            ]
-        )
-
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     perturbed: list[dict[str, Any]] = []
@@ -332,23 +352,23 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
     }
 
     def fail(exc: Exception, roi_source: str, stage: Stage = Stage.RADIOMICS) -> None:
-        failures.append(
-            _failure(item, settings, exc, stage=stage, roi_source=roi_source, input_path=item.rtstruct_path)
-        )
+        path = item.rtstruct_path or series_dir
+        failures.append(_failure(item, settings, exc, stage=stage, roi_source=roi_source, input_path=path))
 
-    for roi in item.rois:
+    if item.automatic:
+        masks = _automatic_masks(item, settings, original, image, clock, fail)
+    else:
         try:
-            numbers = [info.number for info in infos if info.name == roi.source_name]
-            if len(numbers) != 1:
-                raise RTStructError(
-                    f"{len(numbers)} ROIs named {roi.source_name!r} in the structure set; expected 1",
-                    subject=item.rtstruct_path,
-                )
-            with clock.time("rasterise"):
-                roi_mask = rasterise_rtstruct(structure_set, numbers[0], image)
+            with clock.time("read_rtstruct"):
+                structure_set = pydicom.dcmread(item.rtstruct_path)
+                infos = read_roi_infos(structure_set)
         except Exception as exc:
-            fail(exc, roi.source_name, Stage.MASK)
-            continue
+            for r in item.rois:
+                fail(exc, r.source_name, Stage.MASK)
+            return ItemResult(failures=failures)
+        masks = _rtstruct_masks(item, structure_set, infos, image, clock, fail)
+
+    for roi, roi_mask in masks:
         # What the reader did to the image (resampled an irregular stack, ...) travels with every row.
         notes = "; ".join([*(f"image: {action}" for action in actions), *roi_mask.notes]) or None
         targets = [(roi.canonical, roi.source_name, roi_mask.mask, roi_mask.voxel_count, notes)]
@@ -372,8 +392,12 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
             try:
                 if voxels == 0:
                     raise RadiomicsError(f"{canonical} is empty ({target_notes})", subject=subject)
+                measures = {}
+                if settings.segmentation is not None:
+                    with clock.time("measure"):
+                        measures = measurement_columns(mask)
                 with clock.time("radiomics"):
-                    features = _extract(settings, image, mask, subject)
+                    features = measures | _extract(settings, image, mask, subject)
             except Exception as exc:
                 fail(exc, source)
                 continue
@@ -391,6 +415,118 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
             if settings.stability is not None:
                 perturbed += _perturbed_rows(item, settings, image, mask, canonical, source, clock, fail)
     return ItemResult(rows, failures, perturbed)
+
+
+MaskTarget = tuple[RoiSelection, RoiMask]
+
+
+def _rtstruct_masks(
+    item: WorkItem,
+    structure_set: pydicom.Dataset,
+    infos: Sequence[Any],
+    image: sitk.Image,
+    clock: _Clock,
+    fail: Callable[[Exception, str, Stage], None],
+) -> list[MaskTarget]:
+    """Each asked-for ROI of the structure set rasterised on ``image``; a failure per ROI that cannot be."""
+    out: list[MaskTarget] = []
+    for roi in item.rois:
+        try:
+            numbers = [info.number for info in infos if info.name == roi.source_name]
+            if len(numbers) != 1:
+                raise RTStructError(
+                    f"{len(numbers)} ROIs named {roi.source_name!r} in the structure set; expected 1",
+                    subject=item.rtstruct_path,
+                )
+            with clock.time("rasterise"):
+                out.append((roi, rasterise_rtstruct(structure_set, numbers[0], image)))
+        except Exception as exc:
+            fail(exc, roi.source_name, Stage.MASK)
+    return out
+
+
+def _automatic_masks(
+    item: WorkItem,
+    settings: ShardSettings,
+    original: sitk.Image,
+    image: sitk.Image,
+    clock: _Clock,
+    fail: Callable[[Exception, str, Stage], None],
+) -> list[MaskTarget]:
+    """The model's primary tumour on ``image``'s grid (segmented on the original HU image)."""
+    (roi,) = item.rois
+    subject = f"{item.series_uid} / {roi.source_name}"
+    try:
+        if settings.segmentation is None:
+            raise SegmentationError("an automatic work item but no segmentation settings", subject=subject)
+        with clock.time("segment"):
+            result = segment_image(original, settings.segmentation, subject=subject)
+        if not result.found:
+            raise SegmentationError(
+                f"the model found no tumour (no voxel at or above the threshold {result.threshold:g})",
+                subject=subject,
+            )
+        primary = sitk.Cast(result.mask == 1, sitk.sitkUInt8)
+        if not _same_grid(primary, image):  # harmonised onto another grid: the mask follows
+            primary = resample_mask(primary, image, BackInterpolation.NEAREST)
+        voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(primary)))
+        provenance = result.provenance
+        notes = (
+            f"automatic: {provenance['model_name']} {provenance['model_version']} "
+            f"(sha256 {provenance['model_sha256'][:12]}), threshold {result.threshold:g}, "
+            f"largest of {len(result.components)} component(s)",
+        )
+        return [(roi, RoiMask(primary, voxels, notes))]
+    except Exception as exc:
+        fail(exc, roi.source_name, Stage.SEGMENT)
+        return []
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing())
+        and np.allclose(a.GetOrigin(), b.GetOrigin())
+        and np.allclose(a.GetDirection(), b.GetDirection())
+    )
+
+
+def segment_image(image: sitk.Image, auto: AutoSegmentation, subject: str = "") -> SegmentationResult:
+    """Segment one HU image with the (cached) model session of this worker process."""
+    from cohort.segment.pipeline import segment_case
+    from cohort.segment.postprocess import PostprocessSettings
+    from cohort.segment.runtime import BackendKind, BackendOptions, get_session
+
+    model = _loaded_model(auto.model)
+    if model.sha256 != auto.model_sha256:
+        raise SegmentationError(
+            f"this worker's model file has sha256 {model.sha256[:12]}, the run was planned with "
+            f"{auto.model_sha256[:12]}: give every worker the same models/ folder",
+            subject=subject,
+        )
+    backend = get_session(model, BackendOptions(kind=BackendKind(auto.backend)))
+    return segment_case(
+        image,
+        model,
+        backend,
+        batch_size=auto.batch_size,
+        settings=PostprocessSettings(threshold=auto.threshold),
+        subject=subject,
+    )
+
+
+@functools.cache
+def _loaded_model(name: str) -> ModelSpec:
+    from cohort.segment.model import load_model
+
+    return load_model(name)
+
+
+def measurement_columns(mask: sitk.Image) -> dict[str, float]:
+    """Volume, RECIST, volumetric RECIST and 3D diameter of a binary mask (MEASUREMENT_COLUMNS)."""
+    m = measure_mask(mask, 1)
+    values = (m.volume_ml, m.recist_mm, m.volumetric_recist_mm, m.max_3d_diameter_mm)
+    return dict(zip(MEASUREMENT_COLUMNS, (float(v) for v in values), strict=True))
 
 
 def _extract(settings: ShardSettings, image: Any, mask: Any, subject: str) -> dict[str, float]:

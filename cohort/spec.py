@@ -311,6 +311,41 @@ class PrivacySpec(_Model):
     )
 
 
+class SegmentationSpec(_Model):
+    """Automatic segmentation inside ``process-cohort``: radiomics and measurements on the model's mask."""
+
+    model: str | None = Field(
+        None,
+        description="A registry model name (models/<name>, or $COHORT_MODEL_REGISTRY) or a model folder; "
+        "null: no automatic segmentation. Its file hash is part of the feature-set hash.",
+    )
+    roi: str = Field(
+        "GTV_auto",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Canonical ROI name of the automatic mask in the feature table (roi_source is "
+        "'model:<model name>').",
+    )
+    unannotated: bool = Field(
+        True,
+        description="Also select image series that have no usable structure set (no RTSTRUCT, or none "
+        "with selection.require_roi): they get the automatic ROI only.",
+    )
+    gpu: bool = Field(
+        False,
+        description="Segmentation shards ask Dask for resources={'GPU': 1} (only workers started with "
+        "--resources GPU=1 take them) and Ray for num_gpus=1.",
+    )
+    backend: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime",
+        description="onnxruntime (TensorRT -> CUDA -> CPU, the first available) or torch (the same ONNX "
+        "model on PyTorch, CUDA when present; needs the 'torch' extra).",
+    )
+    batch_size: int = Field(16, ge=1, description="Slices per inference batch.")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Probability threshold; null: the model manifest's."
+    )
+
+
 class CohortSpec(_Model):
     """A whole cohort run."""
 
@@ -325,6 +360,7 @@ class CohortSpec(_Model):
     radiomics: RadiomicsSpec = RadiomicsSpec()
     executor: ExecutorSpec = ExecutorSpec()
     privacy: PrivacySpec = PrivacySpec()
+    segmentation: SegmentationSpec = SegmentationSpec()
     harmonise: list[HarmoniseStep] = Field(
         default_factory=list,
         description="Image harmonisation before radiomics, in order (resample, window, clip, zscore, n4, "
@@ -358,6 +394,8 @@ class CohortSpec(_Model):
             settings["interpolation"] = self.radiomics.interpolation
         if self.harmonise:
             settings["harmonise"] = [step.model_dump(mode="json") for step in self.harmonise]
+        if self.segmentation.model is not None:
+            settings["segmentation"] = self.segmentation_settings()
         if self.privacy.patient_ids != "keep":  # never mix real IDs and pseudonyms in one table
             settings["patient_ids"] = self.privacy.patient_ids
         geometry = self.qc.geometry
@@ -373,6 +411,21 @@ class CohortSpec(_Model):
         }:
             settings["geometry_repairs"] = repairs  # repaired images have other voxel values
         return settings
+
+    def segmentation_settings(self) -> dict[str, Any]:
+        """What of the segmentation changes a mask: the model file (by hash), threshold, ROI name."""
+        from cohort.segment.model import load_model  # local: keeps import light
+
+        if self.segmentation.model is None:
+            return {}
+        model = load_model(self.segmentation.model)
+        return {
+            "model": model.name,
+            "model_sha256": model.sha256,
+            "manifest_sha256": model.manifest_sha256,
+            "threshold": self.segmentation.threshold,
+            "roi": self.segmentation.roi,
+        }
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -443,6 +496,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             continue
         if isinstance(data.get(key), str | Path) and not Path(data[key]).is_absolute():
             data[key] = str((base / data[key]).resolve())
+    segmentation = data.get("segmentation")
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("model"), str):
+        model = segmentation["model"]  # a folder (has a slash) relative to the spec; a bare name: registry
+        if "/" in model and not Path(model).is_absolute():
+            segmentation["model"] = str((base / model).resolve())
     radiomics = data.get("radiomics")
     if isinstance(radiomics, dict) and isinstance(radiomics.get("params_file"), str):
         if not Path(radiomics["params_file"]).is_absolute():
@@ -470,6 +528,13 @@ def build_spec(
     from cohort.radiomics.extract import validate_params  # local: keeps import light
 
     validate_params(spec.radiomics_params(), source=source)
+    if spec.segmentation.model is not None:  # a missing or broken model fails here, not on a worker
+        from cohort.errors import ModelError
+
+        try:
+            spec.segmentation_settings()
+        except ModelError as exc:
+            raise SpecError(f"segmentation.model: {exc.reason}", subject=source) from exc
     return spec
 
 

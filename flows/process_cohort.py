@@ -46,6 +46,7 @@ from cohort.shard import (
     KEY_COLUMNS,
     STABILITY_KEY_SCHEMA,
     VERSION_COLUMNS,
+    AutoSegmentation,
     ShardSettings,
     StabilitySettings,
     SubvolumeRule,
@@ -62,7 +63,7 @@ from cohort.store.parquet import read_table, write_part, write_table_atomic
 from cohort.store.results import write_shard_result
 from cohort.store.table import COMPACT_AFTER_PARTS
 from flows.progress import report
-from flows.runtime import prefect_api, task_runner_for
+from flows.runtime import gpu_placement, prefect_api, task_runner_for
 
 #: Plans of an index update before giving up when other runs keep committing first.
 INDEX_ATTEMPTS = 5
@@ -214,6 +215,16 @@ def shard_settings(
         stability = StabilitySettings(
             tuple(radiomics.stability.perturbations), radiomics.stability.noise_sd, radiomics.stability.seed
         )
+    auto = None
+    if spec.segmentation.model is not None:
+        segmentation = spec.segmentation_settings()
+        auto = AutoSegmentation(
+            model=spec.segmentation.model,
+            model_sha256=segmentation["model_sha256"],
+            backend=spec.segmentation.backend,
+            batch_size=spec.segmentation.batch_size,
+            threshold=spec.segmentation.threshold,
+        )
     return ShardSettings(
         params,
         digest,
@@ -227,6 +238,7 @@ def shard_settings(
         noop=spec.executor.noop_stages,
         pseudonymise_env=spec.privacy.secret_env if spec.privacy.patient_ids == "pseudonymise" else None,
         harmonise=tuple(step.model_dump(mode="json") for step in spec.harmonise),
+        segmentation=auto,
     )
 
 
@@ -339,12 +351,19 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     # 3. Process shards on the workers; each writes its own part files.
     t0 = time.perf_counter()
     executor = cohort_spec.executor
-    shards = make_shards(
-        todo, cohort_spec.shard_slices, min_shards=2 * executor.n_workers * executor.threads_per_worker
-    )
+    min_shards = 2 * executor.n_workers * executor.threads_per_worker
+    gpu = cohort_spec.segmentation.gpu
+    # With GPU segmentation the automatic items are sharded apart and go to GPU workers only.
+    on_cpu = [i for i in todo if not (gpu and i.automatic)]
+    on_gpu = [i for i in todo if gpu and i.automatic]
+    shards = make_shards(on_cpu, cohort_spec.shard_slices, min_shards=min_shards)
+    gpu_shards = make_shards(on_gpu, cohort_spec.shard_slices, min_shards=min_shards)
     report("process", 0, len(todo))
     shard_task = process_shard_task.with_options(retries=executor.retries)
     pending = {shard_task.submit(shard, settings, layout.root.url): shard for shard in shards}
+    with gpu_placement(executor, bool(gpu_shards)):
+        pending |= {shard_task.submit(shard, settings, layout.root.url): shard for shard in gpu_shards}
+    shards += gpu_shards
     cases_done = cases_ok = rows = replaced = failures = 0
     stage_seconds: dict[str, float] = {}
     for shard_future in as_completed(list(pending)):

@@ -218,3 +218,26 @@ def ray_task_runner(executor: ExecutorSpec) -> Any:
             "log_to_driver": False,
         }
     )
+
+
+@contextmanager
+def gpu_placement(executor: ExecutorSpec, gpu: bool = True) -> Iterator[None]:
+    """Tasks submitted inside go to GPU workers only: Dask ``resources={"GPU": 1}``, Ray ``num_gpus=1``.
+
+    With ``gpu=False`` or the thread runner, it places nothing.
+    """
+    if not gpu or executor.kind == "threads":
+        yield
+        return
+    if executor.kind == "ray":
+        from prefect_ray.context import remote_options
+
+        with remote_options(num_gpus=1):
+            yield
+        return
+    import dask
+
+    from cohort.segment.runtime import GPU_TASK_RESOURCES
+
+    with dask.annotate(resources=dict(GPU_TASK_RESOURCES)):
+        yield

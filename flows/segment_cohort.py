@@ -1,7 +1,8 @@
 """The ``segment-cohort`` flow: archive -> index -> selection -> segmentation shards -> store.
 
 Each selected CT is segmented by an ONNX model from the registry; volume, RECIST
-and volumetric RECIST go to ``segmentation/<model>-<sha12>`` in the store (one row
+and volumetric RECIST go to ``segmentation/<model>-<sha12>`` in the store (``sha12``: of
+the ONNX file's and the manifest's hashes; one row
 per series and model file, replaced when the image changes), and where the case's
 structure set has the reference ROI, Dice / HD95 / surface Dice / added path
 length against it. The run attaches the metric distribution (median, IQR; by
@@ -12,12 +13,11 @@ Dask for ``resources={"GPU": 1}``, so only workers started with
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
-import dask
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -27,7 +27,6 @@ from prefect.futures import as_completed
 from cohort.curate.select import WorkItem, plan_cohort
 from cohort.segment.cohort import SEGMENT_KEY_COLUMNS, SegmentSettings, segment_items, summarise_metrics
 from cohort.segment.model import load_model
-from cohort.segment.runtime import GPU_TASK_RESOURCES
 from cohort.shard import make_shards
 from cohort.spec import CohortSpec, build_spec
 from cohort.store.layout import StoreLayout
@@ -35,7 +34,7 @@ from cohort.store.location import Location
 from cohort.store.objects import open_table
 from cohort.store.parquet import write_part, write_table_atomic
 from flows.process_cohort import _current_run_id, index_archive
-from flows.runtime import prefect_api, task_runner_for
+from flows.runtime import gpu_placement, prefect_api, task_runner_for
 
 #: Version columns of a segmentation row: a changed image series is segmented again.
 SEGMENT_VERSION_COLUMNS = ("image_hash",)
@@ -77,15 +76,16 @@ def segment_cohort(
     instances, _quarantine, _update = index_archive(cohort_spec, layout, logger)
     items = list(plan_cohort(instances, cohort_spec).items)
     spec_model = load_model(model)  # fails here, clearly, before any shard
-    table_name = f"{spec_model.name}-{spec_model.sha256[:12]}"
+    # One table per model file and manifest (window, grid, chain): another of either is another table.
+    fingerprint = hashlib.sha256((spec_model.sha256 + spec_model.manifest_sha256).encode()).hexdigest()
+    table_name = f"{spec_model.name}-{fingerprint[:12]}"
     table = open_table(segmentation_location(layout, table_name))
     done = table.key_versions(SEGMENT_KEY_COLUMNS, SEGMENT_VERSION_COLUMNS)
     todo = [i for i in items if done.get((i.series_uid, spec_model.sha256)) not in {(i.image_hash,), ()}]
     settings = SegmentSettings(model=model, run_id=run_id, compare_to=compare_to)
     executor = cohort_spec.executor
     shards = make_shards(todo, cohort_spec.shard_slices, min_shards=2 * executor.n_workers)
-    annotate = dask.annotate(resources=dict(GPU_TASK_RESOURCES)) if gpu else contextlib.nullcontext()
-    with annotate:
+    with gpu_placement(executor, gpu):
         futures = [segment_shard_task.submit(s, settings, layout.root.url, table_name) for s in shards]
     rows = failures = 0
     for future in as_completed(futures):

@@ -55,7 +55,7 @@ def demo_manifest(sha256: str, notes: dict[str, Any] | None = None) -> dict[str,
     size = 256
     return {
         "name": MODEL_NAME,
-        "version": "1.0.0",
+        "version": "1.1.0",
         "description": (
             "Demo 2D U-Net for the primary lung tumour (GTV) on axial CT slices, after lung isolation. "
             "Shows the model contract of the segmentation stage; trained on synthetic phantoms only."
@@ -81,6 +81,7 @@ def demo_manifest(sha256: str, notes: dict[str, Any] | None = None) -> dict[str,
             "size": [size, size],
             "fill_hu": -1000,
             "interpolator": "linear",
+            "preprocess_on": "model_grid",
         },
         "preprocessing": [{"step": "isolate_lungs", "params": {"margin_radius_mm": 5.0}}],
         "labels": {1: "GTV"},

@@ -208,3 +208,86 @@ def test_harmonisation_steps_from_the_spec_change_the_image_the_hash_and_the_not
     area = before["pixel_spacing_row"] * before["pixel_spacing_col"]
     assert after["mask_voxels"] == pytest.approx(before["mask_voxels"] * area / 4.0, rel=0.1)
     assert after["original_shape_MeshVolume"] == pytest.approx(before["original_shape_MeshVolume"], rel=0.1)
+
+
+def _automatic(demo_root: Path, **segmentation: object) -> tuple[list[WorkItem], ShardSettings]:
+    from flows.process_cohort import shard_settings
+
+    auto = {"model": "demo-lung-gtv", **segmentation}
+    spec = build_spec({"archive": str(demo_root), "store": "unused", "segmentation": auto}, environ={})
+    items, _ = plan_work(index_files(list_archive(demo_root))[0], spec)
+    digest = settings_hash(spec.feature_settings())
+    return items, shard_settings(spec, spec.radiomics_params(), digest, feature_set_name(digest), "test-run")
+
+
+def test_automatic_mask_follows_a_harmonised_grid_and_a_foreign_model_file_fails_the_case(
+    demo_archive,
+) -> None:
+    items, settings = _automatic(demo_archive.root)
+    first = [i for i in items if i.series_uid == items[0].series_uid]  # the RTSTRUCT item and its twin
+    assert [i.automatic for i in first] == [False, True]
+    rows = {r["roi"]: r for r in process_shard(first, settings).features.to_pylist()}
+    assert set(rows) == {"GTV", "GTV_auto"}
+    steps = ({"op": "resample", "spacing": [2.0, 2.0, None]},)
+    resampled = dataclasses.replace(settings, harmonise=steps)
+    after = process_shard(first[1:], resampled).features.to_pylist()[0]
+    # Segmented on the original grid, carried to the 2 mm grid: same tumour, fewer voxels.
+    area = rows["GTV_auto"]["pixel_spacing_row"] * rows["GTV_auto"]["pixel_spacing_col"]
+    assert after["mask_voxels"] == pytest.approx(rows["GTV_auto"]["mask_voxels"] * area / 4.0, rel=0.15)
+    assert after["measure_volume_ml"] == pytest.approx(rows["GTV_auto"]["measure_volume_ml"], rel=0.15)
+
+    assert settings.segmentation is not None
+    foreign = dataclasses.replace(
+        settings, segmentation=dataclasses.replace(settings.segmentation, model_sha256="0" * 64)
+    )
+    result = process_shard(first, foreign)
+    assert [r["roi"] for r in result.features.to_pylist()] == ["GTV"]  # the RTSTRUCT row still comes
+    (failure,) = result.failures.to_pylist()
+    assert (failure["stage"], failure["roi_source"], failure["rtstruct_uid"]) == (
+        "segment",
+        "model:demo-lung-gtv",
+        "",
+    )
+    assert "give every worker the same models/ folder" in failure["reason"]
+
+
+def _erase_tumour(patient_dir: Path, gtv_name: str) -> None:
+    """Paint the GTV (grown by 3 voxels in-plane) over with lung HU in every CT slice of the patient."""
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy import ndimage as ndi
+
+    from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
+    from cohort.curate.series import assemble_series
+
+    paths = sorted(str(p) for p in (patient_dir / "CT").iterdir())
+    image = assemble_series(paths).image
+    rs = pydicom.dcmread(patient_dir / "RS" / "RS.dcm")
+    number = next(i.number for i in read_roi_infos(rs) if i.name == gtv_name)
+    mask = sitk.GetArrayFromImage(rasterise_rtstruct(rs, number, image).mask).astype(bool)
+    grown = ndi.binary_dilation(mask, np.ones((1, 7, 7), dtype=bool))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        k = image.TransformPhysicalPointToIndex([float(v) for v in ds.ImagePositionPatient])[2]
+        stored = ds.pixel_array.copy()
+        lung = round((-850.0 - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
+        stored[grown[k]] = lung
+        ds.PixelData = stored.astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(path)
+
+
+def test_a_model_that_finds_nothing_is_a_failure_row_not_an_empty_row(demo_archive, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    shutil.copytree(demo_archive.root, archive)
+    _erase_tumour(archive / "DEMO-001", demo_archive.patients[0].gtv_name)
+    items, settings = _automatic(archive)
+    auto = [i for i in items if i.automatic and i.patient_id in {"DEMO-001", "DEMO-002"}]
+    result = process_shard(auto, settings)
+    assert [r["patient_id"] for r in result.features.to_pylist()] == ["DEMO-002"]
+    (failure,) = result.failures.to_pylist()
+    assert (failure["patient_id"], failure["stage"], failure["error_type"]) == (
+        "DEMO-001",
+        "segment",
+        "SegmentationError",
+    )
+    assert "the model found no tumour" in failure["reason"]

@@ -103,3 +103,29 @@ def test_bad_qc_values_name_the_field(qc: dict[str, object], field: str) -> None
         build_spec({"archive": "a", "store": "s", "qc": qc}, environ={})
     with pytest.raises(SpecError, match=r"selection\.per_patient"):
         build_spec({"archive": "a", "store": "s", "selection": {"per_patient": "best"}}, environ={})
+
+
+def test_segmentation_model_is_checked_at_once_and_its_file_hash_names_the_feature_set(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(SpecError, match=r"segmentation\.model: no manifest at .*models in .*demo-lung-gtv"):
+        load_spec(
+            _write(tmp_path, "archive: a\nstore: s\nsegmentation:\n  model: no-such-model\n"), environ={}
+        )
+    # A model folder relative to the spec file, copied with another file hash, is another feature set.
+    import shutil
+
+    from cohort.segment.model import default_registry
+
+    shutil.copytree(default_registry() / "demo-lung-gtv", tmp_path / "mine")
+    mine = load_spec(_write(tmp_path, "archive: a\nstore: s\nsegmentation:\n  model: ./mine\n"), environ={})
+    assert mine.segmentation.model == str(tmp_path / "mine")
+    demo = build_spec({"archive": "a", "store": "s", "segmentation": {"model": "demo-lung-gtv"}}, environ={})
+    plain = build_spec({"archive": "a", "store": "s"}, environ={})
+    assert settings_hash(mine.feature_settings()) == settings_hash(demo.feature_settings())  # same file
+    assert settings_hash(demo.feature_settings()) != settings_hash(plain.feature_settings())
+    other = build_spec(
+        {"archive": "a", "store": "s", "segmentation": {"model": "demo-lung-gtv", "threshold": 0.3}},
+        environ={},
+    )
+    assert settings_hash(other.feature_settings()) != settings_hash(demo.feature_settings())

@@ -16,6 +16,12 @@ is the ``step`` of the row):
    its FrameOfReferenceUID (the link used is recorded);
 6. ROI: the structure set has an ROI harmonised to ``selection.require_roi``;
 7. per patient (``selection.per_patient``): e.g. the thinnest of the rest.
+
+With automatic segmentation (``segmentation.model``), every selected
+(sub-)series also gets one *automatic* work item: no structure set
+(``rtstruct_uid`` empty) and the single ROI ``model:<model name>`` under the
+canonical name ``segmentation.roi``. With ``segmentation.unannotated`` a series
+that fails only the link or ROI step is selected for that item alone.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -58,6 +64,11 @@ METADATA_COLUMNS = (
     "pixel_spacing_row",
     "pixel_spacing_col",
 )
+
+#: ``annotation_modality`` of an automatic work item: the mask comes from a model, not a file.
+MODEL_ANNOTATION = "MODEL"
+#: Prefix of the ``roi_source`` of an automatic ROI: ``model:<model name>``.
+MODEL_ROI_PREFIX = "model:"
 
 #: Modalities that annotate image series rather than being selectable images.
 ANNOTATION_MODALITIES = frozenset({"RTSTRUCT", "SEG"})
@@ -159,6 +170,11 @@ class WorkItem:
     @property
     def dicom_series_uid(self) -> str:
         return self.series_uid.split("#", 1)[0]
+
+    @property
+    def automatic(self) -> bool:
+        """True for an automatic-segmentation item (its one ROI is the model's mask)."""
+        return self.annotation_modality == MODEL_ANNOTATION
 
 
 @dataclass(frozen=True)
@@ -344,6 +360,42 @@ def _apply_per_patient(
     return kept, dropped
 
 
+def automatic_roi(spec: CohortSpec) -> RoiSelection | None:
+    """The ROI automatic segmentation adds to every selected series, or None when it is off."""
+    if spec.segmentation.model is None:
+        return None
+    from cohort.segment.model import load_model  # local: the planner needs only the model's name
+
+    model = load_model(spec.segmentation.model, check_io=False)
+    return RoiSelection(f"{MODEL_ROI_PREFIX}{model.name}", spec.segmentation.roi)
+
+
+def automatic_item(item: WorkItem, roi: RoiSelection) -> WorkItem:
+    """The automatic-segmentation twin of a work item: same image, no structure set, the model's ROI."""
+    return replace(
+        item,
+        rtstruct_path="",
+        rtstruct_uid="",
+        rtstruct_hash="",
+        rois=(roi,),
+        annotation_modality=MODEL_ANNOTATION,
+        link=None,
+    )
+
+
+def _with_automatic_items(kept: list[_Candidate], roi: RoiSelection | None) -> list[WorkItem]:
+    """The kept items in order, each series followed once by its automatic item (when segmentation is on)."""
+    items: list[WorkItem] = []
+    seen: set[str] = set()
+    for c in kept:
+        if not c.item.automatic:
+            items.append(c.item)
+        if roi is not None and c.item.series_uid not in seen:
+            seen.add(c.item.series_uid)
+            items.append(automatic_item(c.item, roi))
+    return items
+
+
 def plan_cohort(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> CurationPlan:
     """Split, check, link and select image series; see the module docstring for the steps."""
     df = instances.to_pandas() if isinstance(instances, pa.Table) else instances
@@ -383,6 +435,7 @@ def plan_cohort(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> Curatio
     policy = read_policy(spec.qc)
     tolerances = geometry_tolerances(spec.qc)
     pattern = re.compile(spec.selection.require_roi)
+    auto_roi = automatic_roi(spec)
     decisions: list[dict[str, Any]] = []
     qc_records: list[SeriesQc] = []
     candidates: list[_Candidate] = []
@@ -401,7 +454,16 @@ def plan_cohort(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> Curatio
             qc = check_series_quality(rows, part.geometry, spec, series_key=part.key, part=part.part)
             qc_records.append(qc)
             decisions_part, candidates_part = _decide(
-                part, rows, qc, spec, links.get(str(series_uid), []), borrowed, link_notes, pattern, policy
+                part,
+                rows,
+                qc,
+                spec,
+                links.get(str(series_uid), []),
+                borrowed,
+                link_notes,
+                pattern,
+                policy,
+                auto_roi,
             )
             decisions += decisions_part
             candidates += candidates_part
@@ -411,7 +473,7 @@ def plan_cohort(instances: pa.Table | pd.DataFrame, spec: CohortSpec) -> Curatio
     decisions += [c.row for c in kept]
     decisions.sort(key=lambda r: (str(r["series_key"]), str(r["rtstruct_uid"] or "")))
     order = {id(c): i for i, c in enumerate(candidates)}
-    items = tuple(c.item for c in sorted(kept, key=lambda c: order[id(c)]))
+    items = tuple(_with_automatic_items(sorted(kept, key=lambda c: order[id(c)]), auto_roi))
     return CurationPlan(
         items,
         pa.Table.from_pylist(decisions, schema=DECISION_SCHEMA),
@@ -430,6 +492,7 @@ def _decide(
     link_notes: Mapping[str, str],
     pattern: re.Pattern[str],
     policy: ReadPolicy,
+    auto_roi: RoiSelection | None = None,
 ) -> tuple[list[dict[str, Any]], list[_Candidate]]:
     """Decision rows (not selected) and candidates (selected so far) for one (sub-)series."""
     first = rows.iloc[0]
@@ -468,16 +531,47 @@ def _decide(
                 f"series description {first['series_description']!r} matches no role ({', '.join(roles)})",
             )
         ], []
-    if not linked:
-        note = f" ({link_notes[series_uid]})" if series_uid in link_notes else ""
-        return [refuse(DecisionStep.LINK, f"no RTSTRUCT references this series{note}")], []
-
-    rejected: list[dict[str, Any]] = []
-    candidates: list[_Candidate] = []
     n_frames = None
     if "number_of_frames" in rows and rows["number_of_frames"].notna().any():
         frames = int(rows["number_of_frames"].fillna(1).sum())
         n_frames = frames if frames > len(rows) else None
+    image_item = WorkItem(
+        patient_id=str(first["patient_id"]),
+        study_uid=str(first["study_uid"]),
+        series_uid=part.key,
+        modality=str(first["modality"]),
+        image_paths=tuple(rows["path"]),
+        image_hash=series_hash(list(rows["sop_instance_uid"]), list(rows["sha256"])),
+        rtstruct_path="",
+        rtstruct_uid="",
+        rtstruct_hash="",
+        rois=(),
+        metadata={key: _none_if_na(first[key]) for key in METADATA_COLUMNS},
+        role=role,
+        part=part.part,
+        read_policy=policy,
+        n_frames=n_frames,
+    )
+    unannotated_ok = auto_roi is not None and spec.segmentation.unannotated
+
+    def automatic_only(why: str) -> _Candidate:
+        source = auto_roi.source_name if auto_roi else ""
+        row = {
+            **base,
+            "selected": True,
+            "step": DecisionStep.SELECTED.value,
+            "reason": prefix + f"{why}: automatic segmentation only ({source})",
+        }
+        return _Candidate(row, automatic_item(image_item, auto_roi) if auto_roi else image_item, qc)
+
+    if not linked:
+        note = f" ({link_notes[series_uid]})" if series_uid in link_notes else ""
+        if unannotated_ok:
+            return [], [automatic_only(f"no RTSTRUCT references this series{note}")]
+        return [refuse(DecisionStep.LINK, f"no RTSTRUCT references this series{note}")], []
+
+    rejected: list[dict[str, Any]] = []
+    candidates: list[_Candidate] = []
     for link in linked:
         ann = link.annotation
         kind = str(ann["modality"])
@@ -520,26 +614,21 @@ def _decide(
             "step": DecisionStep.SELECTED.value,
             "reason": prefix + reason,
         }
-        item = WorkItem(
-            patient_id=str(first["patient_id"]),
-            study_uid=str(first["study_uid"]),
-            series_uid=part.key,
-            modality=str(first["modality"]),
-            image_paths=tuple(rows["path"]),
-            image_hash=series_hash(list(rows["sop_instance_uid"]), list(rows["sha256"])),
+        if auto_roi is not None and not candidates:
+            row["reason"] += f"; and automatic segmentation ({auto_roi.source_name})"
+        item = replace(
+            image_item,
             rtstruct_path=str(ann["path"]),
             rtstruct_uid=str(ann["sop_instance_uid"]),
             rtstruct_hash=str(ann["sha256"]),
             rois=tuple(chosen),
-            metadata={key: _none_if_na(first[key]) for key in METADATA_COLUMNS},
-            role=role,
-            part=part.part,
             annotation_modality=kind,
             link=link.method.value,
-            read_policy=policy,
-            n_frames=n_frames,
         )
         candidates.append(_Candidate(row, item, qc))
+    if not candidates and unannotated_ok:
+        why = f"no structure set with an ROI matching {spec.selection.require_roi!r}"
+        candidates.append(automatic_only(why))
     return rejected, candidates
 
 

@@ -51,7 +51,8 @@ y axes, either sign).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import SimpleITK as sitk
@@ -128,14 +129,38 @@ class SpineAxis:
 
 @dataclass(frozen=True)
 class LungIsolation:
-    """Result of :func:`isolate_lungs`; masks are UInt8 images on the input grid."""
+    """Result of :func:`isolate_lungs`.
 
-    image: sitk.Image  # the input, every voxel outside ``mask`` set to air
-    lungs: sitk.Image  # air-filled lungs with vessels filled (step 3)
-    mirrored: sitk.Image  # lungs united with their mirror, joined: the mask before the margin
-    mask: sitk.Image  # mirrored plus the safety margin: the isolation mask
+    ``image`` is the input with every voxel outside ``mask`` set to air. The masks
+    (UInt8 images on the input grid) are built when first asked for: the
+    segmentation pipeline needs only ``image``.
+    """
+
+    image: sitk.Image
     spine: SpineAxis
     settings: LungIsolationSettings
+    box: tuple[slice, slice, slice]  # where the masks can be non-zero
+    box_masks: dict[str, np.ndarray] = field(repr=False)  # "lungs", "mirrored", "mask" inside ``box``
+
+    def _full(self, name: str) -> sitk.Image:
+        full = np.zeros(sitk.GetArrayViewFromImage(self.image).shape, dtype=np.uint8)
+        full[self.box] = self.box_masks[name]
+        return _mask_image(full, self.image)
+
+    @cached_property
+    def lungs(self) -> sitk.Image:
+        """Air-filled lungs with vessels filled (step 3)."""
+        return self._full("lungs")
+
+    @cached_property
+    def mirrored(self) -> sitk.Image:
+        """The lungs united with their mirror image, joined: the mask before the margin (step 5)."""
+        return self._full("mirrored")
+
+    @cached_property
+    def mask(self) -> sitk.Image:
+        """``mirrored`` plus the safety margin: the isolation mask (step 6)."""
+        return self._full("mask")
 
 
 # -- morphology on (z, y, x) boolean arrays, in-plane only ----------------------------------------
@@ -371,18 +396,19 @@ def remove_trachea(
     labels, n = ndi.label(lungs, structure=_IN_PLANE)
     if n == 0:
         return lungs
-    z, _, x = np.nonzero(lungs)
-    component = labels[lungs]  # same C order as np.nonzero
-    count = np.bincount(component, minlength=n + 1).astype(np.float64)
-    count[0] = 1.0
-    x_mean = np.bincount(component, weights=x, minlength=n + 1) / count
+    count = np.bincount(labels.ravel(), minlength=n + 1)
+    small = count * (spacing[0] * spacing[1]) < settings.trachea_max_area_mm2
+    small[0] = False
+    if not small.any():
+        return lungs
+    # Only the voxels of small components need coordinates (the lungs are most of the voxels).
+    in_small = small[labels]
+    z, _, x = np.nonzero(in_small)
+    component = labels[in_small]  # same C order as np.nonzero
+    x_mean = np.bincount(component, weights=x, minlength=n + 1) / np.maximum(count, 1)
     slice_of = np.zeros(n + 1, dtype=np.int64)
     slice_of[component] = z  # every voxel of a component lies on one slice
-    area = count * (spacing[0] * spacing[1])
-    trachea = (area < settings.trachea_max_area_mm2) & (
-        np.abs(x_mean - columns[slice_of]) * spacing[0] < settings.trachea_max_offset_mm
-    )
-    trachea[0] = False
+    trachea = small & (np.abs(x_mean - columns[slice_of]) * spacing[0] < settings.trachea_max_offset_mm)
     return lungs & ~trachea[labels]
 
 
@@ -456,19 +482,19 @@ def isolate_lungs(image: sitk.Image, settings: LungIsolationSettings | None = No
     mirrored = join_regions(union, spacing, settings)
     margin = dilate_disc(mirrored, settings.margin_radius_mm, spacing_yx)
 
-    full = {name: np.zeros(hu.shape, dtype=bool) for name in ("lungs", "mirrored", "mask")}
-    full["lungs"][box], full["mirrored"][box], full["mask"][box] = lungs, mirrored, margin
-    masks = {name: _mask_image(array, image) for name, array in full.items()}
-    isolated = sitk.Mask(image, masks["mask"], outsideValue=settings.air_hu)
+    # Step 7: air outside the mask; outside the box every voxel is outside it.
+    out = np.full(hu.shape, settings.air_hu, dtype=hu.dtype)
+    out[box] = np.where(margin, hu[box], np.asarray(settings.air_hu, dtype=hu.dtype))
+    isolated = sitk.GetImageFromArray(out)
+    isolated.CopyInformation(image)
 
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     index = np.column_stack([columns, np.zeros_like(columns), np.arange(z0, z1, dtype=np.float64)])
     x_mm = image.GetOrigin()[0] + (index * np.asarray(spacing)) @ direction[0]
     return LungIsolation(
         image=isolated,
-        lungs=masks["lungs"],
-        mirrored=masks["mirrored"],
-        mask=masks["mask"],
         spine=SpineAxis(first_slice=z0, column=columns, raw_column=raw, x_mm=x_mm),
         settings=settings,
+        box=box,
+        box_masks={"lungs": lungs, "mirrored": mirrored, "mask": margin},
     )

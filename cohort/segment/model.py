@@ -26,6 +26,7 @@ manifest and what to change.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -166,6 +167,12 @@ class GeometrySpec(_Model):
     size: tuple[int, int] = Field(description="Input size [rows, columns] (crop or pad about the centre).")
     fill_hu: float = Field(-1000.0, description="Value of padded voxels (air).")
     interpolator: Interpolator = Interpolator.LINEAR
+    preprocess_on: Literal["native", "model_grid"] = Field(
+        "native",
+        description="Where the preprocessing chain runs: on the image's own grid, then resampled to the "
+        "model grid ('native'), or on the model grid after resampling ('model_grid', the seed's order: "
+        "resample, then isolate the lungs; cheaper when the model's pixels are larger than the image's).",
+    )
 
     @field_validator("spacing_mm")
     @classmethod
@@ -292,9 +299,20 @@ class ModelSpec:
         """What identifies the model in caches: the ONNX file's path and its hash."""
         return (str(self.onnx_path), self.manifest.sha256)
 
+    @property
+    def manifest_sha256(self) -> str:
+        """Hash of the manifest's content (canonical JSON): a changed window, grid or chain changes it."""
+        canonical = json.dumps(self.manifest.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     def provenance(self) -> dict[str, str]:
         """Fields for the provenance of every output row."""
-        return {"model_name": self.name, "model_version": self.version, "model_sha256": self.sha256}
+        return {
+            "model_name": self.name,
+            "model_version": self.version,
+            "model_sha256": self.sha256,
+            "model_manifest_sha256": self.manifest_sha256,
+        }
 
 
 def file_sha256(path: str | Path) -> str:

@@ -4,11 +4,13 @@ The three parts are separate functions so that the CPU parts of one case can run
 while another case is inferred (:func:`segment_cases`):
 
 * :func:`prepare_case` (CPU): the manifest's preprocessing chain on the HU volume
-  (e.g. ``isolate_lungs``), then the model grid: the image resampled in-plane to
+  (e.g. ``isolate_lungs``) and the model grid: the image resampled in-plane to
   the model's spacing on a grid of the model's size centred on the image (crop
   or pad with ``fill_hu``, air), axes along the patient's (L, P, S), slices kept
-  where they are; then one windowed plane per input channel. Returns the
-  ``(N, C, H, W)`` float32 input.
+  where they are; the chain runs before that resampling or, with
+  ``geometry.preprocess_on: model_grid``, after it (the seed's order, and 3-4x
+  cheaper for a 2 mm model on a 0.98 mm CT). Then one windowed plane per input
+  channel. Returns the ``(N, C, H, W)`` float32 input.
 * :func:`infer_case` (GPU or CPU): :func:`~cohort.segment.runtime.infer_volume`.
 * :func:`finish_case` (CPU): output -> probability volume on the model grid ->
   mask on the original grid, components, the primary tumour (GTV-1)
@@ -233,19 +235,25 @@ def prepare_case(image: sitk.Image, model: ModelSpec, subject: str = "") -> Prep
     """CPU part before inference: preprocessing chain, model grid, windows (module docstring)."""
     subject = subject or model.name
     _check_axial(image, subject)
+    manifest = model.manifest
+    grid = model_grid(image, manifest)
     t0 = time.perf_counter()
-    processed = preprocess(image, model.manifest, subject)
-    t1 = time.perf_counter()
-    grid = model_grid(image, model.manifest)
-    inputs = model_input(resample_to_grid(processed, grid, model.manifest), model.manifest)
-    t2 = time.perf_counter()
-    return PreparedCase(
-        subject=subject,
-        reference=image,
-        grid=grid,
-        inputs=inputs,
-        seconds={"preprocess": t1 - t0, "model_grid": t2 - t1},
-    )
+    if manifest.geometry.preprocess_on == "model_grid":
+        on_grid = grid.image(resample_to_grid(image, grid, manifest))
+        t1 = time.perf_counter()
+        hu = sitk.GetArrayFromImage(preprocess(on_grid, manifest, subject))  # a copy: the image is temporary
+        t2 = time.perf_counter()
+        seconds = {"model_grid": t1 - t0, "preprocess": t2 - t1}
+    else:
+        processed = preprocess(image, manifest, subject)
+        t1 = time.perf_counter()
+        hu = resample_to_grid(processed, grid, manifest)
+        t2 = time.perf_counter()
+        seconds = {"preprocess": t1 - t0, "model_grid": t2 - t1}
+    t3 = time.perf_counter()
+    inputs = model_input(hu, manifest)
+    seconds["model_grid"] += time.perf_counter() - t3
+    return PreparedCase(subject=subject, reference=image, grid=grid, inputs=inputs, seconds=seconds)
 
 
 def infer_case(prepared: PreparedCase, backend: Backend, batch_size: int = 16) -> np.ndarray:

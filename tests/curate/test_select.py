@@ -65,3 +65,36 @@ def test_series_without_a_matching_roi_is_recorded_not_selected(lung1_archive: P
     assert [i.patient_id for i in items] == ["LUNG1-002"]
     assert not ct.loc["LUNG1-001", "selected"]
     assert "no ROI harmonised to 'Heart'" in ct.loc["LUNG1-001", "reason"]
+
+
+def test_automatic_segmentation_adds_one_model_item_per_series_and_takes_unannotated_series(
+    lung1_archive: Path,
+) -> None:
+    instances, _ = index_files(list_archive(lung1_archive))
+    base = {
+        "archive": str(lung1_archive),
+        "store": "unused",
+        "rois": {"Heart": ["heart"], "GTV": ["gtv[-_ ]?1"]},
+        "selection": {"require_roi": "Heart"},
+        "segmentation": {"model": "demo-lung-gtv", "roi": "GTV_auto"},
+    }
+    items, decisions = plan_work(instances, build_spec(base, environ={}))
+    by_kind = {(i.patient_id, i.automatic): i for i in items}
+    # LUNG1-002 contours the heart: its RTSTRUCT item, then its automatic twin; LUNG1-001 does not:
+    # it is selected for the automatic ROI alone, and the decision says so.
+    assert sorted(by_kind) == [("LUNG1-001", True), ("LUNG1-002", False), ("LUNG1-002", True)]
+    auto = by_kind[("LUNG1-001", True)]
+    assert (auto.rtstruct_uid, auto.rtstruct_hash, auto.annotation_modality) == ("", "", "MODEL")
+    assert [(r.source_name, r.canonical) for r in auto.rois] == [("model:demo-lung-gtv", "GTV_auto")]
+    assert auto.n_slices == 134 and len(auto.image_hash) == 64
+    twin, annotated = by_kind[("LUNG1-002", True)], by_kind[("LUNG1-002", False)]
+    assert (twin.series_uid, twin.image_paths) == (annotated.series_uid, annotated.image_paths)
+    table = decisions.to_pandas()
+    ct = table[table["modality"] == "CT"].set_index("patient_id")
+    assert ct.loc["LUNG1-001"]["selected"].any()
+    assert "automatic segmentation only (model:demo-lung-gtv)" in " ".join(ct.loc["LUNG1-001"]["reason"])
+
+    # unannotated: false keeps the structure-set rule for selection; selected series still get the model.
+    strict = {**base, "segmentation": {**base["segmentation"], "unannotated": False}}
+    items, _ = plan_work(instances, build_spec(strict, environ={}))
+    assert sorted((i.patient_id, i.automatic) for i in items) == [("LUNG1-002", False), ("LUNG1-002", True)]

@@ -185,3 +185,35 @@ def test_real_lungs_match_the_rtstruct_and_the_mask_holds_the_tumour(
     offset_mm = np.abs(result.spine.column[has_cord] - cord_x) * ct.GetSpacing()[0]
     assert np.median(offset_mm) < 5.0
     assert seconds < 60  # generous: a loaded 2-core machine; benchmarks/bench_segment_cpu.py measures
+
+
+#: On the demo model's 2 mm grid (the segmentation pipeline's ``preprocess_on: model_grid``), measured
+#: 2026-11-27: LUNG1-001 Dice 0.972, GTV 100 % inside; LUNG1-002 Dice 0.934, GTV 99.83 % inside.
+@pytest.mark.slow
+@pytest.mark.parametrize("patient", ["LUNG1-001", "LUNG1-002"])
+def test_real_lungs_on_the_model_grid_still_match_and_hold_the_tumour(
+    lung1_archive: Path, patient: str
+) -> None:
+    from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
+    from cohort.segment.model import load_model
+    from cohort.segment.pipeline import model_grid, resample_to_grid
+
+    ct, _ = _lung1_case(lung1_archive, patient)
+    model = load_model("demo-lung-gtv")
+    grid = model_grid(ct, model.manifest)
+    on_grid = grid.image(resample_to_grid(ct, grid, model.manifest))
+    assert on_grid.GetSpacing()[:2] == (2.0, 2.0)
+    result = isolate_lungs(on_grid)
+    folder = next(lung1_archive.glob(f"{patient}_*"))
+    rs_path = next(
+        p for p in folder.iterdir() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT"
+    )
+    rs = pydicom.dcmread(rs_path)
+    numbers = {r.name: r.number for r in read_roi_infos(rs)}
+
+    def on(name: str) -> np.ndarray:
+        return sitk.GetArrayFromImage(rasterise_rtstruct(rs, numbers[name], on_grid).mask).astype(bool)
+
+    assert dice(_array(result.lungs), on("Lung L") | on("Lung R")) >= 0.93
+    gtv = on("GTV-1")
+    assert np.count_nonzero(gtv & _array(result.mask)) / np.count_nonzero(gtv) >= 0.99

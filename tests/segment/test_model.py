@@ -45,8 +45,16 @@ def test_load_model_by_name_folder_and_manifest_path(tmp_path: Path) -> None:
         "model_name": "tiny-bright",
         "model_version": "0.0.1",
         "model_sha256": sha256(folder / "model.onnx"),
+        "model_manifest_sha256": by_folder.manifest_sha256,
     }
+    assert by_path.manifest_sha256 == by_folder.manifest_sha256
     assert list_models(tmp_path / "registry") == ["tiny-bright"]
+    # Same ONNX file, another preprocessing grid: the manifest hash (and so the feature set) changes.
+    manifest = yaml.safe_load((folder / "manifest.yaml").read_text())
+    before = by_folder.manifest_sha256
+    _rewrite(folder, geometry={**manifest["geometry"], "preprocess_on": "model_grid"})
+    moved = load_model(folder)
+    assert moved.sha256 == by_folder.sha256 and moved.manifest_sha256 != before
 
 
 def test_unknown_name_lists_the_registry(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -167,12 +168,39 @@ def process_shard_task(items: list[WorkItem], settings: ShardSettings, store: st
     ok_series = set(result.features.column("series_uid").to_pylist()) if result.features.num_rows else set()
     return {
         "items": len(items),
+        "worker": worker_name(),
         "cases_ok": sum(1 for i in items if i.series_uid in ok_series),
         "rows": written.rows_written,
         "replaced": written.rows_replaced,
         "failures": result.failures.num_rows,
         "seconds": dict(result.seconds),
     }
+
+
+def worker_name() -> str:
+    """Where this task runs: the Dask worker's address, else host and process."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except ValueError:  # not on a Dask worker (threads, Ray)
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("placement", pa.string()),  # cpu | gpu (segmentation.gpu: automatic items)
+        ("items", pa.int32()),
+        ("automatic_items", pa.int32()),
+        ("slices", pa.int64()),
+        ("worker", pa.string()),
+        ("rows", pa.int64()),
+        ("failures", pa.int64()),
+        ("seconds", pa.float64()),  # stage seconds inside the task
+        ("error", pa.string()),  # the task failed as a whole (after retries)
+    ]
+)
 
 
 def _shard_failure_rows(
@@ -360,14 +388,25 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     gpu_shards = make_shards(on_gpu, cohort_spec.shard_slices, min_shards=min_shards)
     report("process", 0, len(todo))
     shard_task = process_shard_task.with_options(retries=executor.retries)
-    pending = {shard_task.submit(shard, settings, layout.root.url): shard for shard in shards}
-    with gpu_placement(executor, bool(gpu_shards)):
-        pending |= {shard_task.submit(shard, settings, layout.root.url): shard for shard in gpu_shards}
+    placed = [("cpu", shard) for shard in shards] + [("gpu", shard) for shard in gpu_shards]
+    pending = {}
+    for number, (placement, shard) in enumerate(placed):
+        with gpu_placement(executor, placement == "gpu"):
+            pending[shard_task.submit(shard, settings, layout.root.url)] = number
     shards += gpu_shards
     cases_done = cases_ok = rows = replaced = failures = 0
     stage_seconds: dict[str, float] = {}
+    shard_rows: list[dict[str, Any]] = []
     for shard_future in as_completed(list(pending)):
-        shard = pending[shard_future]
+        number = pending[shard_future]
+        placement, shard = placed[number]
+        record: dict[str, Any] = {
+            "shard": number,
+            "placement": placement,
+            "items": len(shard),
+            "automatic_items": sum(1 for i in shard if i.automatic),
+            "slices": sum(i.n_slices for i in shard),
+        }
         try:
             outcome = shard_future.result()
         except Exception as exc:
@@ -375,14 +414,26 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
             table = _shard_failure_rows(shard, run_id, exc, identity)
             write_part(table, layout.failures(run_id), ["shard-failure", *_keys(shard)])
             failures += table.num_rows
+            record |= {"failures": table.num_rows, "error": f"{type(exc).__name__}: {exc}"}
         else:
             cases_ok += outcome["cases_ok"]
             rows += outcome["rows"]
             replaced += outcome["replaced"]
             failures += outcome["failures"]
             add_seconds(stage_seconds, outcome["seconds"].items())
+            record |= {
+                "worker": outcome["worker"],
+                "rows": outcome["rows"],
+                "failures": outcome["failures"],
+                "seconds": sum(outcome["seconds"].values()),
+            }
+        shard_rows.append(record)
         cases_done += len(shard)
         report("process", cases_done, len(todo))
+    shard_rows.sort(key=lambda r: int(r["shard"]))
+    write_table_atomic(
+        pa.Table.from_pylist(shard_rows, schema=SHARD_SCHEMA), layout.run_dir(run_id) / "shards.parquet"
+    )
     seconds["process"] = time.perf_counter() - t0
     compact_if_fragmented(open_table(layout.features(feature_set)), KEY_COLUMNS, logger)
     if settings.stability is not None:

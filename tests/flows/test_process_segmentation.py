@@ -62,3 +62,34 @@ def test_chained_segmentation_writes_auto_rows_beside_rtstruct_rows_on_dask(
     again = run_cohort(spec)
     assert (again.cases_processed, again.rows_written, again.cases_skipped) == (0, 0, 7)
     assert len(pd.read_parquet(summary.feature_table)) == 7
+
+
+def test_gpu_segmentation_shards_run_only_on_the_worker_that_advertises_a_gpu(
+    prefect_server: str, demo_archive, tmp_path: Path
+) -> None:
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    # A real two-worker Dask cluster: one plain worker, one started with the resource GPU=1 (the tag a GPU
+    # worker gets; no real GPU here, so ONNX Runtime falls back to its CPU provider, as logged).
+    workers = {
+        "cpu": {"cls": Nanny, "options": {"nthreads": 1}},
+        "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        infos = client.scheduler_info()["workers"]
+        (gpu_worker,) = [address for address, info in infos.items() if info["resources"].get("GPU")]
+        data = {
+            "archive": str(demo_archive.root),
+            "store": str(tmp_path / "store"),
+            "segmentation": {"model": "demo-lung-gtv", "gpu": True},
+            "executor": {"kind": "dask", "address": cluster.scheduler_address},
+        }
+        spec = build_spec(data, environ={})
+        summary = run_cohort(spec)
+    assert (summary.cases_processed, summary.failures) == (8, 0)
+    shards = pd.read_parquet(Path(spec.store) / "runs" / summary.run_id / "shards.parquet")
+    gpu, cpu = shards[shards["placement"] == "gpu"], shards[shards["placement"] == "cpu"]
+    assert gpu["automatic_items"].sum() == 4 and cpu["automatic_items"].sum() == 0
+    assert set(gpu["worker"]) == {gpu_worker}, shards
+    assert shards["items"].sum() == 8 and shards["rows"].sum() == 8

@@ -167,6 +167,7 @@ class AutoSegmentation:
     backend: Literal["onnxruntime", "torch"] = "onnxruntime"
     batch_size: int = 16
     threshold: float | None = None
+    max_volume_ml: float | None = None
 
 
 @dataclass(frozen=True)
@@ -464,6 +465,14 @@ def _automatic_masks(
         if not result.found:
             raise SegmentationError(
                 f"the model found no tumour (no voxel at or above the threshold {result.threshold:g})",
+                subject=subject,
+            )
+        limit = settings.segmentation.max_volume_ml
+        if limit is not None and result.measurements is not None and result.measurements.volume_ml > limit:
+            raise SegmentationError(
+                f"the model's tumour is {result.measurements.volume_ml:.0f} ml "
+                f"({len(result.components)} component(s)), more than segmentation.max_volume_ml = {limit:g}; "
+                "is the model meant for images like this one?",
                 subject=subject,
             )
         primary = sitk.Cast(result.mask == 1, sitk.sitkUInt8)

@@ -344,6 +344,13 @@ class SegmentationSpec(_Model):
     threshold: float | None = Field(
         None, gt=0, lt=1, description="Probability threshold; null: the model manifest's."
     )
+    max_volume_ml: float | None = Field(
+        None,
+        gt=0,
+        description="Refuse an automatic tumour larger than this (ml) as a failure row instead of "
+        "extracting features from it: a model applied to data unlike its training data can return "
+        "most of a lung, and radiomics of a 2-litre mask takes minutes. null: no limit.",
+    )
 
 
 class CohortSpec(_Model):

@@ -252,6 +252,7 @@ def shard_settings(
             backend=spec.segmentation.backend,
             batch_size=spec.segmentation.batch_size,
             threshold=spec.segmentation.threshold,
+            max_volume_ml=spec.segmentation.max_volume_ml,
         )
     return ShardSettings(
         params,

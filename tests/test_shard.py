@@ -291,3 +291,16 @@ def test_a_model_that_finds_nothing_is_a_failure_row_not_an_empty_row(demo_archi
         "SegmentationError",
     )
     assert "the model found no tumour" in failure["reason"]
+
+
+def test_an_implausibly_large_automatic_tumour_is_refused_with_the_setting_named(demo_archive) -> None:
+    volumes = {p.patient_id: p.tumour_volume_mm3 / 1000 for p in demo_archive.patients}
+    small, large = sorted(volumes, key=volumes.__getitem__)[:: len(volumes) - 1]
+    limit = (volumes[small] + volumes[large]) / 2  # the smallest tumour passes, the largest does not
+    items, settings = _automatic(demo_archive.root, max_volume_ml=limit)
+    auto = [i for i in items if i.automatic and i.patient_id in {small, large}]
+    result = process_shard(auto, settings)
+    assert [r["patient_id"] for r in result.features.to_pylist()] == [small]
+    (failure,) = result.failures.to_pylist()
+    assert (failure["patient_id"], failure["stage"]) == (large, "segment")
+    assert f"more than segmentation.max_volume_ml = {limit:g}" in failure["reason"]

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast lint bench gpu-kit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_segment_cpu.py
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_scale.py --patients 1000
+
+# Wheels and one real CT for benchmarks/gpu_segment.py on a lent GPU machine; prints the device calls.
+gpu-kit: $(STAMP)
+	scripts/gpu_kit.sh
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,7 @@ runs start as subprocesses here, no work pool needed):
 
 * ``cohort-run/cohort`` — parameters a user fills in the UI: archive, store, an
   optional cohort spec file, executor (``dask``/``threads``), workers, the address
-  of an existing Dask scheduler;
+  of an existing Dask scheduler, a segmentation model (``none`` turns the spec's off);
 * ``cohort-analysis/analysis`` — store, clinical CSV, time/event columns, ROI,
   an optional analysis spec file;
 * ``cohort-run/nightly`` — the cohort run with fixed parameters on a cron
@@ -37,9 +37,13 @@ def cohort_spec_from_parameters(
     executor: Literal["dask", "threads"] | None = None,
     n_workers: int | None = None,
     scheduler_address: str | None = None,
+    segmentation_model: str | None = None,
 ) -> CohortSpec:
     """The cohort spec a deployment run uses: the spec file (or defaults) with the UI's fields on top."""
     overrides: dict[str, Any] = {"archive": archive, "store": store}
+    if segmentation_model:
+        off = segmentation_model.strip().lower() == "none"
+        overrides["segmentation"] = {"model": None if off else segmentation_model}
     runner: dict[str, Any] = {}
     if executor:
         runner["kind"] = executor
@@ -62,9 +66,16 @@ def cohort_run(
     executor: Literal["dask", "threads"] | None = None,
     n_workers: int | None = None,
     scheduler_address: str | None = None,
+    segmentation_model: str | None = None,
 ) -> dict[str, Any]:
-    """Index an archive and process what its store does not hold yet (the UI's entry point)."""
-    spec = cohort_spec_from_parameters(archive, store, spec_file, executor, n_workers, scheduler_address)
+    """Index an archive and process what its store does not hold yet (the UI's entry point).
+
+    ``segmentation_model``: a model of the registry (``demo-lung-gtv``) or a model folder to segment every
+    selected CT with (radiomics of its mask beside the RTSTRUCT's); ``none`` turns off the spec's model.
+    """
+    spec = cohort_spec_from_parameters(
+        archive, store, spec_file, executor, n_workers, scheduler_address, segmentation_model
+    )
     runner = task_runner_for(spec.executor)
     return process_cohort.with_options(task_runner=runner)(spec.model_dump(mode="json"))
 

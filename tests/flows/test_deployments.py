@@ -29,6 +29,13 @@ def test_ui_parameters_layer_over_the_spec_file(tmp_path: Path) -> None:
     assert (spec.executor.kind, spec.executor.n_workers, spec.radiomics.crop) == ("threads", 3, False)
     plain = cohort_spec_from_parameters("/data/a", "/data/s", n_workers=4, scheduler_address="tcp://h:8786")
     assert (plain.executor.n_workers, plain.executor.address) == (4, "tcp://h:8786")
+    assert plain.segmentation.model is None
+    # The UI's model field turns segmentation on over a spec without it, and 'none' turns the spec's off.
+    spec_file.write_text("archive: a\nstore: s\nsegmentation: {model: demo-lung-gtv, roi: Tumour_auto}\n")
+    on = cohort_spec_from_parameters("/a", "/s", segmentation_model="demo-lung-gtv")
+    assert on.segmentation.model == "demo-lung-gtv"
+    off = cohort_spec_from_parameters("/a", "/s", str(spec_file), segmentation_model="none")
+    assert (off.segmentation.model, off.segmentation.roi) == (None, "Tumour_auto")
 
 
 async def _wait_for_deployments(names: list[str], timeout: float) -> dict[str, Any]:

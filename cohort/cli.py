@@ -184,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.store:
         overrides["store"] = args.store  # a folder or s3://bucket/prefix
     if args.archive:
-        overrides["archive"] = str(Path(args.archive).resolve())
+        overrides["archive"] = args.archive if "://" in args.archive else str(Path(args.archive).resolve())
     if args.scheduler:
         overrides.setdefault("executor", {})["address"] = args.scheduler
     if args.workers:
@@ -300,6 +300,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = DeidSettings(
         secret=secret.encode(), dates=args.dates, descriptors=args.descriptors, private_tags=args.private_tags
     )
+    if "://" in spec.archive:
+        raise SpecError(
+            "cohort export reads a local (or mounted) archive; process the object-store archive with "
+            "`cohort run`, or mount it (e.g. s3fs, rclone mount) and give the folder with --archive",
+            subject=spec.archive,
+        )
     instances, _ = index_files(list_archive(spec.archive))
     plan = plan_cohort(instances, spec)
     formats = {"dicom": (True, False), "nifti": (False, True), "both": (True, True)}[args.format]

@@ -33,6 +33,7 @@ from cohort.curate.select import METADATA_COLUMNS, RoiSelection, WorkItem
 from cohort.curate.series import assemble_series
 from cohort.errors import CohortError, RadiomicsError, RTStructError, SegmentationError, SpecError, Stage
 from cohort.harmonise.chain import apply_chain
+from cohort.index.source import read_dicom
 from cohort.radiomics.extract import extract_features
 from cohort.radiomics.perturb import perturb
 from cohort.radiomics.subvolumes import split_solid
@@ -361,7 +362,7 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
     else:
         try:
             with clock.time("read_rtstruct"):
-                structure_set = pydicom.dcmread(item.rtstruct_path)
+                structure_set = read_dicom(item.rtstruct_path)
                 infos = read_roi_infos(structure_set)
         except Exception as exc:
             for r in item.rois:

@@ -39,7 +39,7 @@ class _Model(BaseModel):
 
 
 def store_root(value: Any) -> Any:
-    """A store root as the spec keeps it: local folders absolute, URLs (``s3://...``) as written."""
+    """A store or archive root as a spec keeps it: local folders absolute, URLs (``s3://...``) as given."""
     if isinstance(value, str | os.PathLike):
         text = os.fspath(value)
         return text.rstrip("/") if "://" in text else str(Path(text).absolute())
@@ -357,7 +357,9 @@ class CohortSpec(_Model):
     """A whole cohort run."""
 
     name: str = Field("cohort", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    archive: Path = Field(description="Root folder of the DICOM archive.")
+    archive: str = Field(
+        description="Root of the DICOM archive: a local folder or an object-store URL (s3://bucket/prefix)."
+    )
     store: str = Field(
         description="Root of the feature store: a local folder or an object-store URL (s3://bucket/prefix)."
     )
@@ -379,6 +381,7 @@ class CohortSpec(_Model):
     )
 
     _store_root = field_validator("store", mode="before")(store_root)
+    _archive_root = field_validator("archive", mode="before")(store_root)
 
     @field_validator("rois")
     @classmethod

@@ -16,7 +16,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_relative_paths_resolve_against_the_spec_folder(tmp_path: Path) -> None:
     spec = load_spec(_write(tmp_path, "archive: data/archive\nstore: out\n"), environ={})
-    assert spec.archive == tmp_path / "data" / "archive"
+    assert spec.archive == str(tmp_path / "data" / "archive")
     assert spec.store == str(tmp_path / "out")
     assert spec.executor.kind == "dask" and spec.executor.n_workers == 2
     assert spec.radiomics_params() == load_preset("ct-original")

@@ -57,6 +57,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, UID_dictionary
 
 from cohort.errors import DeidentificationError
+from cohort.index.source import read_dicom
 
 #: Edition of PS3.15 Table E.1-1 used for the basic profile (a module of dicom-anonymizer).
 PROFILE_EDITION = "dicomfields_2026c"
@@ -765,7 +766,7 @@ def export_deidentified(
     for source in paths:
         source = str(source)
         try:
-            ds = pydicom.dcmread(source)
+            ds = read_dicom(source)
         except (InvalidDicomError, OSError, ValueError) as exc:
             failures.append(ExportFailure(source, f"not readable as DICOM ({exc})"))
             continue

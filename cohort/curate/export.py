@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-
 from cohort.curate.convert import write_mask, write_volume
 from cohort.curate.deid import (
     DeidSettings,
@@ -36,6 +34,7 @@ from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
 from cohort.curate.select import WorkItem
 from cohort.curate.series import assemble_series
 from cohort.errors import DeidentificationError
+from cohort.index.source import read_dicom
 from cohort.store.parquet import write_table_atomic
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -103,7 +102,7 @@ def _write_case_volumes(item: WorkItem, root: Path, settings: DeidSettings) -> i
     folder = root / pseudonym_for(item.patient_id, settings) / remap_uid(item.dicom_series_uid, settings)
     volume = assemble_series(item.image_paths, series_uid=item.series_uid, policy=item.read_policy)
     write_volume(volume.image, folder / "image.nii.gz")
-    structure_set = pydicom.dcmread(item.rtstruct_path)
+    structure_set = read_dicom(item.rtstruct_path)
     numbers = {info.name: info.number for info in read_roi_infos(structure_set)}
     for roi in item.rois:
         rasterised = rasterise_rtstruct(structure_set, numbers[roi.source_name], volume.image)

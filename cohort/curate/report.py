@@ -58,6 +58,7 @@ import SimpleITK as sitk
 from cohort.curate.qc import QcCheck
 from cohort.curate.select import ANNOTATION_MODALITIES, CurationPlan, DecisionStep, WorkItem
 from cohort.errors import CohortError, Stage
+from cohort.index.source import read_dicom
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -556,12 +557,11 @@ def _pick_roi(item: WorkItem, pattern: str) -> tuple[str, str] | None:
 
 def _roi_mask(item: WorkItem, source_name: str, image: sitk.Image) -> tuple[sitk.Image, tuple[str, ...]]:
     """The mask of one ROI (RTSTRUCT) or segment (SEG, by label) of a work item on ``image``'s grid."""
-    import pydicom
 
     if item.annotation_modality == "SEG":
         from cohort.curate.seg import read_seg, read_segment_infos
 
-        ds = pydicom.dcmread(item.rtstruct_path)
+        ds = read_dicom(item.rtstruct_path)
         numbers = [info.number for info in read_segment_infos(ds) if info.label == source_name]
         if len(numbers) != 1:
             raise CurationReportError(f"{len(numbers)} segments labelled {source_name!r}; expected 1")
@@ -571,7 +571,7 @@ def _roi_mask(item: WorkItem, source_name: str, image: sitk.Image) -> tuple[sitk
         return segment.mask, segment.notes
     from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
 
-    ds = pydicom.dcmread(item.rtstruct_path)
+    ds = read_dicom(item.rtstruct_path)
     numbers = [info.number for info in read_roi_infos(ds) if info.name == source_name]
     if len(numbers) != 1:
         raise CurationReportError(f"{len(numbers)} ROIs named {source_name!r}; expected 1")

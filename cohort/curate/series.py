@@ -50,6 +50,7 @@ from cohort.curate.geometry import (
     check_series_geometry,
 )
 from cohort.errors import SeriesAssemblyError
+from cohort.index.source import read_dicom
 
 #: Largest accepted difference between direction cosines of two slices.
 ORIENTATION_TOLERANCE = GeometryTolerances().orientation
@@ -256,7 +257,7 @@ def assemble_series(
     headers: list[SliceHeader] = []
     for path in paths:
         try:
-            ds = pydicom.dcmread(path)
+            ds = read_dicom(path)
         except Exception as exc:  # pydicom raises many types for damaged files
             raise SeriesAssemblyError(f"cannot read {path}: {exc}", subject=subject) from exc
         datasets[path] = ds

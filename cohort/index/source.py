@@ -13,6 +13,7 @@ import os
 import posixpath
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -211,3 +212,30 @@ def open_archive(location: str | os.PathLike[str] | ArchiveSource, **storage_opt
         fs, root = fsspec.core.url_to_fs(text, **storage_options)
         return FsspecArchive(fs, str(root).rstrip("/"))
     return LocalArchive(Path(text.removeprefix("file://")).absolute())
+
+
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    """True for an fsspec URL (``s3://bucket/key``), False for a local path or ``file://``."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+@contextmanager
+def open_input(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A file of the archive opened for binary reading: a local path, or a URL read through fsspec
+    (credentials and endpoint from the file system's own chain, e.g. ``AWS_*`` for S3)."""
+    text = os.fspath(path)
+    if is_remote(text):
+        with fsspec.open(text, "rb") as remote:
+            yield remote
+    else:
+        with open(text.removeprefix("file://"), "rb") as local:
+            yield local
+
+
+def read_dicom(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """``pydicom.dcmread`` of a local path or an archive URL (the whole dataset is read before closing)."""
+    import pydicom
+
+    with open_input(path) as handle:
+        return pydicom.dcmread(handle, **kwargs)

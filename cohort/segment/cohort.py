@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pydicom
 
 from cohort.curate.convert import write_mask
 from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
 from cohort.curate.select import WorkItem
 from cohort.curate.series import assemble_series
 from cohort.errors import CohortError, Stage
+from cohort.index.source import read_dicom
 from cohort.segment.metrics import DEFAULT_TOLERANCE_MM, segmentation_metrics_image
 from cohort.segment.model import ModelSpec, load_model
 from cohort.segment.pipeline import segment_case
@@ -95,7 +95,7 @@ def _segment_one(item: WorkItem, model: ModelSpec, settings: SegmentSettings) ->
         write_mask(result.mask, Path(settings.masks_dir) / f"{item.series_uid}.nii.gz")
     reference = next((r for r in item.rois if r.canonical == settings.compare_to), None)
     if reference is not None and item.rtstruct_path:
-        structure_set = pydicom.dcmread(item.rtstruct_path)
+        structure_set = read_dicom(item.rtstruct_path)
         number = next(i.number for i in read_roi_infos(structure_set) if i.name == reference.source_name)
         truth = rasterise_rtstruct(structure_set, number, image)
         metrics = segmentation_metrics_image(truth.mask, result.mask, tolerance_mm=settings.tolerance_mm)

@@ -25,7 +25,7 @@ def test_ui_parameters_layer_over_the_spec_file(tmp_path: Path) -> None:
     spec_file = tmp_path / "cohort.yaml"
     spec_file.write_text("archive: a\nstore: s\nexecutor: {n_workers: 3}\nradiomics: {crop: false}\n")
     spec = cohort_spec_from_parameters(str(tmp_path / "arch"), "s3://bucket/x", str(spec_file), "threads")
-    assert spec.archive == tmp_path / "arch" and spec.store == "s3://bucket/x"
+    assert spec.archive == str(tmp_path / "arch") and spec.store == "s3://bucket/x"
     assert (spec.executor.kind, spec.executor.n_workers, spec.radiomics.crop) == ("threads", 3, False)
     plain = cohort_spec_from_parameters("/data/a", "/data/s", n_workers=4, scheduler_address="tcp://h:8786")
     assert (plain.executor.n_workers, plain.executor.address) == (4, "tcp://h:8786")

@@ -508,6 +508,9 @@ def segment_image(image: sitk.Image, auto: AutoSegmentation, subject: str = "") 
     from cohort.segment.runtime import BackendKind, BackendOptions, get_session
 
     model = _loaded_model(auto.model)
+    if model.sha256 != auto.model_sha256:  # a long-lived worker may hold an older copy: look again
+        _loaded_model.cache_clear()
+        model = _loaded_model(auto.model)
     if model.sha256 != auto.model_sha256:
         raise SegmentationError(
             f"this worker's model file has sha256 {model.sha256[:12]}, the run was planned with "

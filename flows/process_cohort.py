@@ -138,7 +138,8 @@ def curation_report(
     spec: CohortSpec, instances: pa.Table, quarantine: pa.Table, plan: CurationPlan, path: Location
 ) -> str:
     """The run's curation report (HTML in the store) and its summary as Prefect artifacts."""
-    overlays = [] if spec.executor.noop_stages else curation_overlays_task.submit(list(plan.items)).result()
+    annotated = [i for i in plan.items if not i.automatic]  # automatic masks do not exist before the run
+    overlays = [] if spec.executor.noop_stages else curation_overlays_task.submit(annotated).result()
     url = write_curation_report(
         instances, quarantine, plan, path, overlays=overlays, archive_root=str(spec.archive)
     )

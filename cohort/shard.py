@@ -169,6 +169,8 @@ class AutoSegmentation:
     batch_size: int = 16
     threshold: float | None = None
     max_volume_ml: float | None = None
+    outputs: tuple[str, ...] = ()  # nifti | seg | rtstruct
+    outputs_root: str = ""  # store folder (local path or URL) the mask files go to
 
 
 @dataclass(frozen=True)
@@ -485,11 +487,58 @@ def _automatic_masks(
             f"automatic: {provenance['model_name']} {provenance['model_version']} "
             f"(sha256 {provenance['model_sha256'][:12]}), threshold {result.threshold:g}, "
             f"largest of {len(result.components)} component(s)",
+            *_write_outputs(item, settings.segmentation, result, subject),
         )
         return [(roi, RoiMask(primary, voxels, notes))]
     except Exception as exc:
         fail(exc, roi.source_name, Stage.SEGMENT)
         return []
+
+
+def _write_outputs(
+    item: WorkItem, auto: AutoSegmentation, result: SegmentationResult, subject: str
+) -> list[str]:
+    """The automatic mask as NIfTI / DICOM-SEG / RTSTRUCT files under ``auto.outputs_root``.
+
+    Returns notes for the row: where each file went, or why it could not be written (the features
+    of the mask are still extracted: a viewer file is a by-product, not the case).
+    """
+    if not auto.outputs:
+        return []
+    import tempfile
+    from pathlib import Path
+
+    from cohort.curate.convert import write_mask
+    from cohort.segment.outputs import AlgorithmInfo, write_rtstruct, write_seg
+    from cohort.store.location import Location
+
+    target = Location.parse(auto.outputs_root)
+    stem = item.series_uid.replace("#", "_")
+    primary = sitk.Cast(result.mask == 1, sitk.sitkUInt8)
+    primary.CopyInformation(result.mask)
+    algorithm = AlgorithmInfo(result.provenance["model_name"], result.provenance["model_version"])
+    notes: list[str] = []
+    sources: list[pydicom.Dataset] | None = None
+    with tempfile.TemporaryDirectory(prefix="cohort-masks-") as tmp:
+        for kind in auto.outputs:
+            name = {"nifti": f"{stem}.nii.gz", "seg": f"{stem}.seg.dcm", "rtstruct": f"{stem}.rtstruct.dcm"}[
+                kind
+            ]
+            local = Path(tmp) / name
+            try:
+                if kind == "nifti":
+                    write_mask(primary, local)
+                else:
+                    if sources is None:
+                        sources = [read_dicom(p, stop_before_pixels=True) for p in item.image_paths]
+                    writer = write_seg if kind == "seg" else write_rtstruct
+                    writer({result.label_name: primary}, sources, local, algorithm=algorithm)
+                (target / name).write_bytes_atomic(local.read_bytes())
+                notes.append(f"{kind}: masks/{target.name}/{name}")
+            except Exception as exc:  # the row stands; the note says what is missing and why
+                reason = exc.reason if isinstance(exc, CohortError) else str(exc)
+                notes.append(f"{kind} not written: {reason}")
+    return notes
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:

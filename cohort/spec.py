@@ -344,6 +344,12 @@ class SegmentationSpec(_Model):
     threshold: float | None = Field(
         None, gt=0, lt=1, description="Probability threshold; null: the model manifest's."
     )
+    outputs: list[Literal["nifti", "seg", "rtstruct"]] = Field(
+        default_factory=list,
+        description="Write each automatic mask to masks/<feature set>/ in the store: 'nifti' "
+        "(<series>.nii.gz), 'seg' (<series>.seg.dcm, DICOM-SEG) and/or 'rtstruct' (<series>.rtstruct.dcm); "
+        "both DICOM objects reference the source series, for a viewer or a treatment planning system.",
+    )
     max_volume_ml: float | None = Field(
         None,
         gt=0,

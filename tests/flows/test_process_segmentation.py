@@ -25,7 +25,7 @@ def test_chained_segmentation_writes_auto_rows_beside_rtstruct_rows_on_dask(
     data = {
         "archive": str(archive),
         "store": str(tmp_path / "store"),
-        "segmentation": {"model": "demo-lung-gtv"},
+        "segmentation": {"model": "demo-lung-gtv", "outputs": ["nifti", "seg", "rtstruct"]},
         "executor": {"kind": "dask", "n_workers": 2},
     }
     spec = build_spec(data, environ={})
@@ -59,9 +59,38 @@ def test_chained_segmentation_writes_auto_rows_beside_rtstruct_rows_on_dask(
     demo4 = decisions[(decisions["patient_id"] == "DEMO-004") & (decisions["modality"] == "CT")]
     assert demo4["selected"].all() and demo4["reason"].str.contains("automatic segmentation only").all()
 
+    # The automatic masks as files a viewer or a planning system opens: SEG, RTSTRUCT, NIfTI.
+    _check_mask_files(Path(spec.store) / "masks" / summary.feature_set, auto, archive)
+
     again = run_cohort(spec)
     assert (again.cases_processed, again.rows_written, again.cases_skipped) == (0, 0, 7)
     assert len(pd.read_parquet(summary.feature_table)) == 7
+
+
+def _check_mask_files(folder: Path, auto: pd.DataFrame, archive: Path) -> None:
+    import numpy as np
+    import pydicom
+    import SimpleITK as sitk
+
+    from cohort.curate.rtstruct import rasterise_rtstruct, read_roi_infos
+    from cohort.curate.seg import read_seg
+    from cohort.curate.series import read_series
+    from cohort.segment.metrics import dice
+
+    assert len(list(folder.glob("*.seg.dcm"))) == len(auto) == len(list(folder.glob("*.rtstruct.dcm")))
+    row = auto.loc["DEMO-004"]  # the patient without a structure set of its own
+    assert f"seg: masks/{folder.name}/" in row["mask_notes"]
+    image = read_series(sorted(str(p) for p in (archive / "DEMO-004" / "CT").iterdir()))
+    seg = pydicom.dcmread(folder / f"{row['series_uid']}.seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == row["series_uid"]
+    from_seg = sitk.GetArrayFromImage(read_seg(seg, image)[0].mask).astype(bool)
+    assert int(from_seg.sum()) == row["mask_voxels"]
+    nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{row['series_uid']}.nii.gz"))).astype(bool)
+    np.testing.assert_array_equal(nifti, from_seg)
+    rs = pydicom.dcmread(folder / f"{row['series_uid']}.rtstruct.dcm")
+    (info,) = read_roi_infos(rs)
+    from_rtstruct = sitk.GetArrayFromImage(rasterise_rtstruct(rs, info.number, image).mask).astype(bool)
+    assert dice(from_seg, from_rtstruct) >= 0.95
 
 
 def test_gpu_segmentation_shards_run_only_on_the_worker_that_advertises_a_gpu(

@@ -30,6 +30,7 @@ radiomics:
 segmentation:             # the demo U-Net (models/demo-lung-gtv) segments every selected CT;
   model: demo-lung-gtv    # its mask is a second ROI, GTV_auto, beside the RTSTRUCT's GTV (null: off)
   roi: GTV_auto
+  outputs: [seg, rtstruct]  # its masks as DICOM-SEG and RTSTRUCT under store/masks/ (for a viewer)
 executor:
   kind: dask              # LocalCluster; set address: tcp://host:8786 for a cluster
   n_workers: {workers}

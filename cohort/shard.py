@@ -14,6 +14,7 @@ import functools
 import heapq
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -169,6 +170,8 @@ class AutoSegmentation:
     batch_size: int = 16
     threshold: float | None = None
     max_volume_ml: float | None = None
+    #: Overlap reading, preprocessing, post-processing and radiomics with inference (GPU workers).
+    pipelined: bool = False
     outputs: tuple[str, ...] = ()  # nifti | seg | rtstruct
     outputs_root: str = ""  # store folder (local path or URL) the mask files go to
 
@@ -255,8 +258,11 @@ def make_shards(
 
 
 class _Clock:
+    """Seconds per stage, summed over items (and over the threads of a pipelined shard)."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(STAGE_TIMERS, 0.0)
+        self._lock = threading.Lock()
 
     @contextmanager
     def time(self, stage: str) -> Iterator[None]:
@@ -264,7 +270,8 @@ class _Clock:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - start
+            with self._lock:
+                self.seconds[stage] += time.perf_counter() - start
 
 
 def _failure(
@@ -312,31 +319,146 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
     if settings.noop:
         return ItemResult()
     clock = clock or _Clock()
-    versions = library_versions()
-    series_dir = item.image_paths[0].rsplit("/", 1)[0] if item.image_paths else ""
     try:
-        with clock.time("read_series"):
-            volume = assemble_series(item.image_paths, series_uid=item.series_uid, policy=item.read_policy)
-            image = original = volume.image
-        actions = list(volume.actions)
-        if settings.harmonise:
-            with clock.time("harmonise"):
-                chain = apply_chain(image, settings.harmonise)
-            image = chain.image  # masks are rasterised on the harmonised grid
-            actions.append(f"harmonised ({len(chain.records)} steps, chain {chain.digest[:12]})")
+        loaded = _load(item, settings, clock)
     except Exception as exc:  # any failure here fails the whole case, recorded per ROI
-        return ItemResult(
-            failures=[
-                _failure(
-                    item, settings, exc, stage=Stage.CURATE, roi_source=r.source_name, input_path=series_dir
+        return _case_failure(item, settings, exc, Stage.CURATE)
+    if not item.automatic:
+        return _rtstruct_result(item, settings, loaded, clock)
+    try:
+        if settings.segmentation is None:
+            raise SegmentationError(
+                "an automatic work item but no segmentation settings", subject=item.series_uid
+            )
+        with clock.time("segment"):
+            result = segment_image(loaded.original, settings.segmentation, subject=_auto_subject(item))
+    except Exception as exc:
+        return _case_failure(item, settings, exc, Stage.SEGMENT)
+    return _automatic_result(item, settings, loaded, result, clock)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A read series: the image as read (segmentation input), as harmonised (radiomics input), notes."""
+
+    original: sitk.Image
+    image: sitk.Image
+    actions: tuple[str, ...]
+
+
+def _load(item: WorkItem, settings: ShardSettings, clock: _Clock) -> _Loaded:
+    with clock.time("read_series"):
+        volume = assemble_series(item.image_paths, series_uid=item.series_uid, policy=item.read_policy)
+    image, actions = volume.image, list(volume.actions)
+    if settings.harmonise:
+        with clock.time("harmonise"):
+            chain = apply_chain(image, settings.harmonise)
+        image = chain.image  # masks are rasterised on the harmonised grid
+        actions.append(f"harmonised ({len(chain.records)} steps, chain {chain.digest[:12]})")
+    return _Loaded(volume.image, image, tuple(actions))
+
+
+def _series_dir(item: WorkItem) -> str:
+    return item.image_paths[0].rsplit("/", 1)[0] if item.image_paths else ""
+
+
+def _auto_subject(item: WorkItem) -> str:
+    return f"{item.series_uid} / {item.rois[0].source_name}" if item.rois else item.series_uid
+
+
+def _case_failure(item: WorkItem, settings: ShardSettings, exc: BaseException, stage: Stage) -> ItemResult:
+    """Every ROI of the item fails with the same reason (the series or the model could not be used)."""
+    path = _series_dir(item) if stage is not Stage.MASK else item.rtstruct_path
+    error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+    return ItemResult(
+        failures=[
+            _failure(item, settings, error, stage=stage, roi_source=r.source_name, input_path=path)
+            for r in item.rois
+        ]
+    )
+
+
+def _rtstruct_result(item: WorkItem, settings: ShardSettings, loaded: _Loaded, clock: _Clock) -> ItemResult:
+    try:
+        with clock.time("read_rtstruct"):
+            structure_set = read_dicom(item.rtstruct_path)
+            infos = read_roi_infos(structure_set)
+    except Exception as exc:
+        return _case_failure(item, settings, exc, Stage.MASK)
+    out = ItemResult()
+    masks: list[MaskTarget] = []
+    for roi in item.rois:
+        try:
+            numbers = [info.number for info in infos if info.name == roi.source_name]
+            if len(numbers) != 1:
+                raise RTStructError(
+                    f"{len(numbers)} ROIs named {roi.source_name!r} in the structure set; expected 1",
+                    subject=item.rtstruct_path,
                 )
-                for r in item.rois
-            ]
+            with clock.time("rasterise"):
+                masks.append((roi, rasterise_rtstruct(structure_set, numbers[0], loaded.image)))
+        except Exception as exc:
+            out.failures.append(_roi_failure(item, settings, exc, roi.source_name, Stage.MASK))
+    return _item_rows(item, settings, loaded, masks, clock, out)
+
+
+def _automatic_result(
+    item: WorkItem, settings: ShardSettings, loaded: _Loaded, result: SegmentationResult, clock: _Clock
+) -> ItemResult:
+    """The model's primary tumour, on the (harmonised) image's grid, as the item's one ROI."""
+    (roi,) = item.rois
+    subject = _auto_subject(item)
+    try:
+        assert settings.segmentation is not None
+        if not result.found:
+            raise SegmentationError(
+                f"the model found no tumour (no voxel at or above the threshold {result.threshold:g})",
+                subject=subject,
+            )
+        limit = settings.segmentation.max_volume_ml
+        if limit is not None and result.measurements is not None and result.measurements.volume_ml > limit:
+            raise SegmentationError(
+                f"the model's tumour is {result.measurements.volume_ml:.0f} ml "
+                f"({len(result.components)} component(s)), more than segmentation.max_volume_ml = {limit:g}; "
+                "is the model meant for images like this one?",
+                subject=subject,
+            )
+        primary = sitk.Cast(result.mask == 1, sitk.sitkUInt8)
+        if not _same_grid(primary, loaded.image):  # harmonised onto another grid: the mask follows
+            primary = resample_mask(primary, loaded.image, BackInterpolation.NEAREST)
+        voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(primary)))
+        provenance = result.provenance
+        notes = (
+            f"automatic: {provenance['model_name']} {provenance['model_version']} "
+            f"(sha256 {provenance['model_sha256'][:12]}), threshold {result.threshold:g}, "
+            f"largest of {len(result.components)} component(s)",
+            *_write_outputs(item, settings.segmentation, result, subject),
         )
-    rows: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    perturbed: list[dict[str, Any]] = []
-    settings_json = json.dumps(settings.radiomics_params, sort_keys=True)
+    except Exception as exc:
+        return _case_failure(item, settings, exc, Stage.SEGMENT)
+    return _item_rows(item, settings, loaded, [(roi, RoiMask(primary, voxels, notes))], clock, ItemResult())
+
+
+def _roi_failure(
+    item: WorkItem, settings: ShardSettings, exc: Exception, roi_source: str, stage: Stage
+) -> dict[str, Any]:
+    path = item.rtstruct_path or _series_dir(item)
+    return _failure(item, settings, exc, stage=stage, roi_source=roi_source, input_path=path)
+
+
+MaskTarget = tuple[RoiSelection, RoiMask]
+
+
+def _item_rows(
+    item: WorkItem,
+    settings: ShardSettings,
+    loaded: _Loaded,
+    masks: Sequence[MaskTarget],
+    clock: _Clock,
+    out: ItemResult,
+) -> ItemResult:
+    """Feature rows (or failure rows) of each mask and its sub-volumes, added to ``out``."""
+    image = loaded.image
     common = {
         "patient_id": item.patient_id,
         "study_uid": item.study_uid,
@@ -348,33 +470,19 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
         "n_slices": item.n_slices,
         "feature_set": settings.feature_set,
         "settings_hash": settings.settings_hash,
-        "settings_json": settings_json,
+        "settings_json": json.dumps(settings.radiomics_params, sort_keys=True),
         "image_hash": item.image_hash,
         "rtstruct_hash": item.rtstruct_hash,
-        **versions,
+        **library_versions(),
         "run_id": settings.run_id,
     }
 
     def fail(exc: Exception, roi_source: str, stage: Stage = Stage.RADIOMICS) -> None:
-        path = item.rtstruct_path or series_dir
-        failures.append(_failure(item, settings, exc, stage=stage, roi_source=roi_source, input_path=path))
-
-    if item.automatic:
-        masks = _automatic_masks(item, settings, original, image, clock, fail)
-    else:
-        try:
-            with clock.time("read_rtstruct"):
-                structure_set = read_dicom(item.rtstruct_path)
-                infos = read_roi_infos(structure_set)
-        except Exception as exc:
-            for r in item.rois:
-                fail(exc, r.source_name, Stage.MASK)
-            return ItemResult(failures=failures)
-        masks = _rtstruct_masks(item, structure_set, infos, image, clock, fail)
+        out.failures.append(_roi_failure(item, settings, exc, roi_source, stage))
 
     for roi, roi_mask in masks:
         # What the reader did to the image (resampled an irregular stack, ...) travels with every row.
-        notes = "; ".join([*(f"image: {action}" for action in actions), *roi_mask.notes]) or None
+        notes = "; ".join([*(f"image: {action}" for action in loaded.actions), *roi_mask.notes]) or None
         targets = [(roi.canonical, roi.source_name, roi_mask.mask, roi_mask.voxel_count, notes)]
         rule = settings.subvolume_rule(roi.canonical)
         if rule is not None:
@@ -405,7 +513,7 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
             except Exception as exc:
                 fail(exc, source)
                 continue
-            rows.append(
+            out.rows.append(
                 {
                     **common,
                     "roi": canonical,
@@ -417,82 +525,66 @@ def process_item(item: WorkItem, settings: ShardSettings, clock: _Clock | None =
                 }
             )
             if settings.stability is not None:
-                perturbed += _perturbed_rows(item, settings, image, mask, canonical, source, clock, fail)
-    return ItemResult(rows, failures, perturbed)
-
-
-MaskTarget = tuple[RoiSelection, RoiMask]
-
-
-def _rtstruct_masks(
-    item: WorkItem,
-    structure_set: pydicom.Dataset,
-    infos: Sequence[Any],
-    image: sitk.Image,
-    clock: _Clock,
-    fail: Callable[[Exception, str, Stage], None],
-) -> list[MaskTarget]:
-    """Each asked-for ROI of the structure set rasterised on ``image``; a failure per ROI that cannot be."""
-    out: list[MaskTarget] = []
-    for roi in item.rois:
-        try:
-            numbers = [info.number for info in infos if info.name == roi.source_name]
-            if len(numbers) != 1:
-                raise RTStructError(
-                    f"{len(numbers)} ROIs named {roi.source_name!r} in the structure set; expected 1",
-                    subject=item.rtstruct_path,
-                )
-            with clock.time("rasterise"):
-                out.append((roi, rasterise_rtstruct(structure_set, numbers[0], image)))
-        except Exception as exc:
-            fail(exc, roi.source_name, Stage.MASK)
+                out.perturbed += _perturbed_rows(item, settings, image, mask, canonical, source, clock, fail)
     return out
 
 
-def _automatic_masks(
-    item: WorkItem,
-    settings: ShardSettings,
-    original: sitk.Image,
-    image: sitk.Image,
-    clock: _Clock,
-    fail: Callable[[Exception, str, Stage], None],
-) -> list[MaskTarget]:
-    """The model's primary tumour on ``image``'s grid (segmented on the original HU image)."""
-    (roi,) = item.rois
-    subject = f"{item.series_uid} / {roi.source_name}"
-    try:
-        if settings.segmentation is None:
-            raise SegmentationError("an automatic work item but no segmentation settings", subject=subject)
+def process_automatic_pipelined(
+    items: Sequence[WorkItem], settings: ShardSettings, clock: _Clock | None = None
+) -> Iterator[tuple[WorkItem, ItemResult]]:
+    """Automatic items with the next cases read and prepared, and the previous ones post-processed and
+    extracted, on CPU threads while the current one is inferred (a GPU worker's inference never waits
+    for radiomics). Same rows as :func:`process_item` one by one; results in the order of ``items``.
+    """
+    from cohort.segment.pipeline import finish_case, infer_case, prepare_case
+    from cohort.segment.postprocess import PostprocessSettings
+    from cohort.segment.runtime import run_pipelined
+
+    clock = clock or _Clock()
+    auto = settings.segmentation
+    if auto is None:
+        raise SegmentationError("automatic work items but no segmentation settings")
+    model = _checked_model(auto, subject=items[0].series_uid if items else "")
+    backend = _session(model, auto)
+    post = PostprocessSettings(threshold=auto.threshold)
+
+    def prepare(item: WorkItem) -> tuple[_Loaded, Any]:
+        try:
+            loaded = _load(item, settings, clock)
+        except Exception as exc:
+            raise _StageFailure(Stage.CURATE, exc) from exc
         with clock.time("segment"):
-            result = segment_image(original, settings.segmentation, subject=subject)
-        if not result.found:
-            raise SegmentationError(
-                f"the model found no tumour (no voxel at or above the threshold {result.threshold:g})",
-                subject=subject,
-            )
-        limit = settings.segmentation.max_volume_ml
-        if limit is not None and result.measurements is not None and result.measurements.volume_ml > limit:
-            raise SegmentationError(
-                f"the model's tumour is {result.measurements.volume_ml:.0f} ml "
-                f"({len(result.components)} component(s)), more than segmentation.max_volume_ml = {limit:g}; "
-                "is the model meant for images like this one?",
-                subject=subject,
-            )
-        primary = sitk.Cast(result.mask == 1, sitk.sitkUInt8)
-        if not _same_grid(primary, image):  # harmonised onto another grid: the mask follows
-            primary = resample_mask(primary, image, BackInterpolation.NEAREST)
-        voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(primary)))
-        provenance = result.provenance
-        notes = (
-            f"automatic: {provenance['model_name']} {provenance['model_version']} "
-            f"(sha256 {provenance['model_sha256'][:12]}), threshold {result.threshold:g}, "
-            f"largest of {len(result.components)} component(s)",
-            *_write_outputs(item, settings.segmentation, result, subject),
-        )
-        return [(roi, RoiMask(primary, voxels, notes))]
-    except Exception as exc:
-        fail(exc, roi.source_name, Stage.SEGMENT)
-        return []
+            return loaded, prepare_case(loaded.original, model, _auto_subject(item))
+
+    def infer(ready: tuple[_Loaded, Any]) -> Any:
+        with clock.time("segment"):
+            return infer_case(ready[1], backend, auto.batch_size)
+
+    def finish(ready: tuple[_Loaded, Any], output: Any) -> tuple[_Loaded, SegmentationResult]:
+        with clock.time("segment"):
+            return ready[0], finish_case(ready[1], output, model, post)
+
+    pending = list(items)
+    for outcome in run_pipelined(pending, prepare, infer, finish, prefetch=2):
+        item = outcome.item
+        if outcome.error is not None:
+            error = outcome.error
+            stage = Stage.SEGMENT
+            if isinstance(error, _StageFailure):
+                stage, error = error.stage, error.cause
+            yield item, _case_failure(item, settings, error, stage)
+            continue
+        assert outcome.value is not None
+        loaded, result = outcome.value
+        yield item, _automatic_result(item, settings, loaded, result, clock)
+
+
+class _StageFailure(Exception):
+    """Carries the stage a pipelined case failed in (reading the series vs segmenting it)."""
+
+    def __init__(self, stage: Stage, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.stage, self.cause = stage, cause
 
 
 def _write_outputs(
@@ -554,8 +646,20 @@ def segment_image(image: sitk.Image, auto: AutoSegmentation, subject: str = "") 
     """Segment one HU image with the (cached) model session of this worker process."""
     from cohort.segment.pipeline import segment_case
     from cohort.segment.postprocess import PostprocessSettings
-    from cohort.segment.runtime import BackendKind, BackendOptions, get_session
 
+    model = _checked_model(auto, subject)
+    return segment_case(
+        image,
+        model,
+        _session(model, auto),
+        batch_size=auto.batch_size,
+        settings=PostprocessSettings(threshold=auto.threshold),
+        subject=subject,
+    )
+
+
+def _checked_model(auto: AutoSegmentation, subject: str) -> ModelSpec:
+    """This worker's copy of the model, refused when its file is not the one the run was planned with."""
     model = _loaded_model(auto.model)
     if model.sha256 != auto.model_sha256:  # a long-lived worker may hold an older copy: look again
         _loaded_model.cache_clear()
@@ -566,15 +670,13 @@ def segment_image(image: sitk.Image, auto: AutoSegmentation, subject: str = "") 
             f"{auto.model_sha256[:12]}: give every worker the same models/ folder",
             subject=subject,
         )
-    backend = get_session(model, BackendOptions(kind=BackendKind(auto.backend)))
-    return segment_case(
-        image,
-        model,
-        backend,
-        batch_size=auto.batch_size,
-        settings=PostprocessSettings(threshold=auto.threshold),
-        subject=subject,
-    )
+    return model
+
+
+def _session(model: ModelSpec, auto: AutoSegmentation) -> Any:
+    from cohort.segment.runtime import BackendKind, BackendOptions, get_session
+
+    return get_session(model, BackendOptions(kind=BackendKind(auto.backend)))
 
 
 @functools.cache
@@ -713,9 +815,16 @@ def process_shard(items: Sequence[WorkItem], settings: ShardSettings) -> ShardRe
     failures: list[dict[str, Any]] = []
     perturbed: list[dict[str, Any]] = []
     identity = patient_identity(settings)
-    for item in items:
-        item = dataclasses.replace(item, patient_id=identity(item.patient_id))
-        result = process_item(item, settings, clock)
+    named = [dataclasses.replace(item, patient_id=identity(item.patient_id)) for item in items]
+    auto = settings.segmentation
+    pipelined = [i for i in named if i.automatic] if auto and auto.pipelined and not settings.noop else []
+    results = [process_item(item, settings, clock) for item in named if not (pipelined and item.automatic)]
+    if pipelined:
+        try:
+            results += [result for _, result in process_automatic_pipelined(pipelined, settings, clock)]
+        except Exception as exc:  # the model cannot be used on this worker: every automatic item fails
+            results += [_case_failure(item, settings, exc, Stage.SEGMENT) for item in pipelined]
+    for result in results:
         rows += result.rows
         failures += result.failures
         perturbed += result.perturbed

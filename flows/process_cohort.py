@@ -254,6 +254,7 @@ def shard_settings(
             batch_size=spec.segmentation.batch_size,
             threshold=spec.segmentation.threshold,
             max_volume_ml=spec.segmentation.max_volume_ml,
+            pipelined=spec.segmentation.gpu,
             outputs=tuple(spec.segmentation.outputs),
             outputs_root=(StoreLayout.at(spec.store).root / "masks" / feature_set).url,
         )

@@ -304,3 +304,32 @@ def test_an_implausibly_large_automatic_tumour_is_refused_with_the_setting_named
     (failure,) = result.failures.to_pylist()
     assert (failure["patient_id"], failure["stage"]) == (large, "segment")
     assert f"more than segmentation.max_volume_ml = {limit:g}" in failure["reason"]
+
+
+def test_pipelined_automatic_items_give_the_rows_of_one_by_one_and_keep_failures_per_case(
+    demo_archive, tmp_path: Path
+) -> None:
+    archive = tmp_path / "archive"
+    shutil.copytree(demo_archive.root, archive)
+    make_pixels_undecodable(sorted((archive / "DEMO-002" / "CT").iterdir())[5])  # a case that cannot be read
+    items, settings = _automatic(archive)
+    auto = [i for i in items if i.automatic]
+    one_by_one = process_shard(auto, settings)
+    pipelined = process_shard(
+        auto,
+        dataclasses.replace(
+            settings, segmentation=dataclasses.replace(settings.segmentation, pipelined=True)
+        ),
+    )  # type: ignore[arg-type]
+    drop = ["processed_at"]
+    a = one_by_one.features.drop_columns(drop).to_pylist()
+    b = pipelined.features.drop_columns(drop).to_pylist()
+    assert sorted(r["patient_id"] for r in b) == ["DEMO-001", "DEMO-003", "DEMO-004"]
+    assert sorted(a, key=lambda r: r["series_uid"]) == sorted(b, key=lambda r: r["series_uid"])
+    (failure,) = pipelined.failures.to_pylist()
+    assert (failure["patient_id"], failure["stage"], failure["roi_source"]) == (
+        "DEMO-002",
+        "curate",
+        "model:demo-lung-gtv",
+    )
+    assert pipelined.seconds["segment"] > 0 and pipelined.seconds["radiomics"] > 0

@@ -22,6 +22,13 @@ Three tables, one command:
    stand-in for a GPU: a backend that sleeps ``--gpu-ms-per-slice`` per slice (the
    seed's 0.2-0.3 s per case on a GPU is ~2 ms per slice) so the CPU side is what
    is measured, as on a GPU worker.
+4. **The chained stage**: ``process-cohort``'s automatic items in one shard
+   (``process_shard``: read, segment, measure, radiomics of the model's mask) on
+   ``--cases`` demo phantoms of 512 x 512, one by one vs pipelined (what GPU shards
+   do: reading, preprocessing, post-processing and radiomics on CPU threads while
+   the current case is inferred), with ONNX Runtime on the CPU and with a GPU
+   stand-in that replays the model's recorded outputs after sleeping
+   ``--gpu-ms-per-slice`` per slice.
 
 Run: ``.venv/bin/python benchmarks/bench_inference.py [--cases 4] [--repeat 2]``.
 ``COHORT_DATA`` may point at the ``data`` folder that holds ``nsclc-radiomics/``.
@@ -38,6 +45,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
@@ -115,6 +123,90 @@ class SleepingBackend:
     def run(self, batch: np.ndarray) -> np.ndarray:
         time.sleep(self.seconds * batch.shape[0])
         return np.zeros((batch.shape[0], *self.shape), dtype=np.float32)
+
+
+class ReplayingBackend:
+    """Stands in for a GPU that computes the real model: the first call of each batch runs ``real`` and
+    records its output; later calls sleep ``seconds_per_slice`` per slice and return the recording."""
+
+    name = "replayed-gpu"
+
+    def __init__(self, real: Backend, seconds_per_slice: float) -> None:
+        self.real, self.seconds = real, seconds_per_slice
+        self.recorded: dict[bytes, np.ndarray] = {}
+        self.replaying = False
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return (f"replay, sleep {1000 * self.seconds:.1f} ms/slice",)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        key = hashlib.blake2b(np.ascontiguousarray(batch).tobytes(), digest_size=16).digest()
+        if not self.replaying:
+            self.recorded[key] = self.real.run(batch)
+            return self.recorded[key]
+        time.sleep(self.seconds * batch.shape[0])
+        return self.recorded[key]
+
+
+def chained_table(model: ModelSpec, n_cases: int, gpu_ms: float, workdir: Path) -> list[dict[str, Any]]:
+    """process-cohort's automatic items (segmentation + measurements + radiomics of the mask) in one
+    shard, one by one vs pipelined, on demo phantoms (512 x 512, where the demo model finds the tumour)."""
+    import cohort.shard as shard_module
+    from cohort.curate.select import plan_work
+    from cohort.index.crawl import index_files, list_archive
+    from cohort.radiomics.extract import feature_set_name
+    from cohort.spec import build_spec, settings_hash
+    from cohort.synth import write_demo_archive
+    from flows.process_cohort import shard_settings
+
+    archive = write_demo_archive(workdir / "phantoms", n_cases, seed=11, matrix=512).root
+    spec = build_spec(
+        {"archive": str(archive), "store": str(workdir / "store"), "segmentation": {"model": model.name}},
+        environ={},
+    )
+    items = [i for i in plan_work(index_files(list_archive(archive))[0], spec)[0] if i.automatic]
+    digest = settings_hash(spec.feature_settings())
+    base = shard_settings(spec, spec.radiomics_params(), digest, feature_set_name(digest), "bench")
+    assert base.segmentation is not None
+    replay = ReplayingBackend(make_backend(model, BackendOptions(device=Device.CPU)), gpu_ms / 1000)
+    original_session = shard_module._session
+    rows = []
+    try:
+        shard_module._session = lambda model, auto: replay  # type: ignore[assignment]
+        shard_module.process_shard(items, base)  # records the outputs (and warms up)
+        for label, replaying in (
+            ("onnxruntime cpu (all cores)", False),
+            (f"GPU stand-in {gpu_ms:g} ms/slice", True),
+        ):
+            replay.replaying = replaying
+            for mode, pipelined in (("one by one", False), ("pipelined", True)):
+                settings = dataclasses.replace(
+                    base, segmentation=dataclasses.replace(base.segmentation, pipelined=pipelined)
+                )
+                t0 = time.perf_counter()
+                result = shard_module.process_shard(items, settings)
+                seconds = time.perf_counter() - t0
+                rows.append(
+                    {
+                        "backend": label,
+                        "mode": mode,
+                        "cases": len(items),
+                        "rows": result.features.num_rows,
+                        "failures": result.failures.num_rows,
+                        "seconds": seconds,
+                        "cases_per_hour": 3600 * len(items) / seconds,
+                        "stage_seconds": dict(result.seconds),
+                    }
+                )
+                print(
+                    f"  {label:32s} {mode:11s}: {3600 * len(items) / seconds:7.0f} cases/h ({seconds:.1f} s, "
+                    f"{result.features.num_rows} rows, {result.failures.num_rows} failures)",
+                    flush=True,
+                )
+    finally:
+        shard_module._session = original_session  # type: ignore[assignment]
+    return rows
 
 
 def best_of(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -241,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--gpu-ms-per-slice", type=float, default=2.0)
     parser.add_argument("--skip-stage", action="store_true")
+    parser.add_argument("--skip-chain", action="store_true")
     args = parser.parse_args(argv)
 
     model = load_model(args.model)
@@ -269,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_stage:
             print(f"\n3. segment stage, {args.cases} cases")
             stage = stage_table(model, cases, args.cases, args.gpu_ms_per_slice)
+        chained: list[dict[str, Any]] = []
+        if not args.skip_chain:
+            print(f"\n4. chained stage in one shard (segmentation + radiomics), {args.cases} phantoms")
+            chained = chained_table(model, args.cases, args.gpu_ms_per_slice, Path(tmp))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -278,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 "inference": inference,
                 "one_case_one_core": one,
                 "stage": stage,
+                "chained": chained,
             },
             indent=2,
         )

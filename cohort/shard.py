@@ -35,6 +35,7 @@ from cohort.curate.series import assemble_series
 from cohort.errors import CohortError, RadiomicsError, RTStructError, SegmentationError, SpecError, Stage
 from cohort.harmonise.chain import apply_chain
 from cohort.index.source import read_dicom
+from cohort.radiomics.crop import same_grid
 from cohort.radiomics.extract import extract_features
 from cohort.radiomics.perturb import perturb
 from cohort.radiomics.subvolumes import split_solid
@@ -423,17 +424,18 @@ def _automatic_result(
                 "is the model meant for images like this one?",
                 subject=subject,
             )
-        primary = sitk.Cast(result.mask == 1, sitk.sitkUInt8)
-        if not _same_grid(primary, loaded.image):  # harmonised onto another grid: the mask follows
-            primary = resample_mask(primary, loaded.image, BackInterpolation.NEAREST)
-        voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(primary)))
+        tumour = sitk.Cast(result.mask == 1, sitk.sitkUInt8)  # the primary tumour, on the original grid
         provenance = result.provenance
         notes = (
             f"automatic: {provenance['model_name']} {provenance['model_version']} "
             f"(sha256 {provenance['model_sha256'][:12]}), threshold {result.threshold:g}, "
             f"largest of {len(result.components)} component(s)",
-            *_write_outputs(item, settings.segmentation, result, subject),
+            *_write_outputs(item, settings.segmentation, result, tumour),
         )
+        primary = tumour
+        if not same_grid(tumour, loaded.image):  # harmonised onto another grid: the mask follows
+            primary = resample_mask(tumour, loaded.image, BackInterpolation.NEAREST)
+        voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(primary)))
     except Exception as exc:
         return _case_failure(item, settings, exc, Stage.SEGMENT)
     return _item_rows(item, settings, loaded, [(roi, RoiMask(primary, voxels, notes))], clock, ItemResult())
@@ -531,7 +533,7 @@ def _item_rows(
 
 def process_automatic_pipelined(
     items: Sequence[WorkItem], settings: ShardSettings, clock: _Clock | None = None
-) -> Iterator[tuple[WorkItem, ItemResult]]:
+) -> Iterator[ItemResult]:
     """Automatic items with the next cases read and prepared, and the previous ones post-processed and
     extracted, on CPU threads while the current one is inferred (a GPU worker's inference never waits
     for radiomics). Same rows as :func:`process_item` one by one; results in the order of ``items``.
@@ -564,19 +566,18 @@ def process_automatic_pipelined(
         with clock.time("segment"):
             return ready[0], finish_case(ready[1], output, model, post)
 
-    pending = list(items)
-    for outcome in run_pipelined(pending, prepare, infer, finish, prefetch=2):
+    for outcome in run_pipelined(items, prepare, infer, finish, prefetch=2):
         item = outcome.item
         if outcome.error is not None:
             error = outcome.error
             stage = Stage.SEGMENT
             if isinstance(error, _StageFailure):
                 stage, error = error.stage, error.cause
-            yield item, _case_failure(item, settings, error, stage)
+            yield _case_failure(item, settings, error, stage)
             continue
         assert outcome.value is not None
         loaded, result = outcome.value
-        yield item, _automatic_result(item, settings, loaded, result, clock)
+        yield _automatic_result(item, settings, loaded, result, clock)
 
 
 class _StageFailure(Exception):
@@ -588,9 +589,10 @@ class _StageFailure(Exception):
 
 
 def _write_outputs(
-    item: WorkItem, auto: AutoSegmentation, result: SegmentationResult, subject: str
+    item: WorkItem, auto: AutoSegmentation, result: SegmentationResult, tumour: sitk.Image
 ) -> list[str]:
-    """The automatic mask as NIfTI / DICOM-SEG / RTSTRUCT files under ``auto.outputs_root``.
+    """The automatic mask ``tumour`` (on the original grid) as NIfTI / DICOM-SEG / RTSTRUCT files under
+    ``auto.outputs_root``.
 
     Returns notes for the row: where each file went, or why it could not be written (the features
     of the mask are still extracted: a viewer file is a by-product, not the case).
@@ -606,8 +608,6 @@ def _write_outputs(
 
     target = Location.parse(auto.outputs_root)
     stem = item.series_uid.replace("#", "_")
-    primary = sitk.Cast(result.mask == 1, sitk.sitkUInt8)
-    primary.CopyInformation(result.mask)
     algorithm = AlgorithmInfo(result.provenance["model_name"], result.provenance["model_version"])
     notes: list[str] = []
     sources: list[pydicom.Dataset] | None = None
@@ -619,27 +619,18 @@ def _write_outputs(
             local = Path(tmp) / name
             try:
                 if kind == "nifti":
-                    write_mask(primary, local)
+                    write_mask(tumour, local)
                 else:
                     if sources is None:
                         sources = [read_dicom(p, stop_before_pixels=True) for p in item.image_paths]
                     writer = write_seg if kind == "seg" else write_rtstruct
-                    writer({result.label_name: primary}, sources, local, algorithm=algorithm)
+                    writer({result.label_name: tumour}, sources, local, algorithm=algorithm)
                 (target / name).write_bytes_atomic(local.read_bytes())
                 notes.append(f"{kind}: masks/{target.name}/{name}")
             except Exception as exc:  # the row stands; the note says what is missing and why
                 reason = exc.reason if isinstance(exc, CohortError) else str(exc)
                 notes.append(f"{kind} not written: {reason}")
     return notes
-
-
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing())
-        and np.allclose(a.GetOrigin(), b.GetOrigin())
-        and np.allclose(a.GetDirection(), b.GetDirection())
-    )
 
 
 def segment_image(image: sitk.Image, auto: AutoSegmentation, subject: str = "") -> SegmentationResult:
@@ -821,7 +812,7 @@ def process_shard(items: Sequence[WorkItem], settings: ShardSettings) -> ShardRe
     results = [process_item(item, settings, clock) for item in named if not (pipelined and item.automatic)]
     if pipelined:
         try:
-            results += [result for _, result in process_automatic_pipelined(pipelined, settings, clock)]
+            results += list(process_automatic_pipelined(pipelined, settings, clock))
         except Exception as exc:  # the model cannot be used on this worker: every automatic item fails
             results += [_case_failure(item, settings, exc, Stage.SEGMENT) for item in pipelined]
     for result in results:

@@ -434,7 +434,7 @@ class CohortSpec(_Model):
 
         if self.segmentation.model is None:
             return {}
-        model = load_model(self.segmentation.model)
+        model = load_model(self.segmentation.model, check_io=False)  # names and hashes; build_spec checks I/O
         return {
             "model": model.name,
             "model_sha256": model.sha256,
@@ -546,9 +546,10 @@ def build_spec(
     validate_params(spec.radiomics_params(), source=source)
     if spec.segmentation.model is not None:  # a missing or broken model fails here, not on a worker
         from cohort.errors import ModelError
+        from cohort.segment.model import load_model
 
         try:
-            spec.segmentation_settings()
+            load_model(spec.segmentation.model)  # schema, file hash and the ONNX graph's inputs/outputs
         except ModelError as exc:
             raise SpecError(f"segmentation.model: {exc.reason}", subject=source) from exc
     return spec

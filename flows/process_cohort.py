@@ -398,7 +398,6 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
     for number, (placement, shard) in enumerate(placed):
         with gpu_placement(executor, placement == "gpu"):
             pending[shard_task.submit(shard, settings, layout.root.url)] = number
-    shards += gpu_shards
     cases_done = cases_ok = rows = replaced = failures = 0
     stage_seconds: dict[str, float] = {}
     shard_rows: list[dict[str, Any]] = []
@@ -468,7 +467,7 @@ def process_cohort(spec: dict[str, Any]) -> dict[str, Any]:
         rows_replaced=replaced,
         rows_skipped=rows_skipped,
         failures=failures,
-        shards=len(shards),
+        shards=len(placed),
         seconds=seconds,
     )
     summary.write(layout.run_dir(run_id))

@@ -203,21 +203,21 @@ class FsspecArchive:
         return f"{self.url.rstrip('/')}/{path}"
 
 
+def is_url(value: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` strings other than ``file://`` (an fsspec URL such as ``s3://bucket/key``)."""
+    text = os.fspath(value)
+    return "://" in text and not text.startswith("file://")
+
+
 def open_archive(location: str | os.PathLike[str] | ArchiveSource, **storage_options: Any) -> ArchiveSource:
     """An archive source for a local folder, a ``file://`` or fsspec URL (``s3://bucket/prefix``)."""
     if not isinstance(location, str | os.PathLike):
         return location
     text = os.fspath(location)
-    if "://" in text and not text.startswith("file://"):
+    if is_url(text):
         fs, root = fsspec.core.url_to_fs(text, **storage_options)
         return FsspecArchive(fs, str(root).rstrip("/"))
     return LocalArchive(Path(text.removeprefix("file://")).absolute())
-
-
-def is_remote(path: str | os.PathLike[str]) -> bool:
-    """True for an fsspec URL (``s3://bucket/key``), False for a local path or ``file://``."""
-    text = os.fspath(path)
-    return "://" in text and not text.startswith("file://")
 
 
 @contextmanager
@@ -225,7 +225,7 @@ def open_input(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """A file of the archive opened for binary reading: a local path, or a URL read through fsspec
     (credentials and endpoint from the file system's own chain, e.g. ``AWS_*`` for S3)."""
     text = os.fspath(path)
-    if is_remote(text):
+    if is_url(text):
         with fsspec.open(text, "rb") as remote:
             yield remote
     else:

@@ -26,12 +26,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from cohort.errors import StoreError
-
-
-def is_url(value: str | os.PathLike[str]) -> bool:
-    """True for ``scheme://...`` strings other than ``file://``."""
-    text = str(value)
-    return "://" in text and not text.startswith("file://")
+from cohort.index.source import is_url
 
 
 @dataclass(frozen=True)
